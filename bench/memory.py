@@ -6,9 +6,10 @@ the gradients the step produces (dH ``(N, d)`` and dW ``(V, d)`` in the input dt
 plus everything transient (logits, softmax buffers, fp32 accumulators, compiled-kernel scratch).
 We report it both including and excluding those gradient bytes; the targets use the including-everything number.
 
-- CPU: a fresh subprocess per (case, provider), so allocations of different providers never mix. It runs one
-  warm-up step (one-time costs: torch.compile, thread pools, MKL scratch), drops the gradients, resets the kernel's
-  peak-RSS counter (``/proc/self/clear_refs`` <- "5"), reads VmRSS, runs the measured step and reads VmHWM.
+- CPU: a fresh subprocess per (case, provider), so allocations of different providers never mix. For providers
+  whose first step compiles (Liger with torch.compile) it runs one warm-up step first and drops its gradients
+  (others skip it: their first step allocates what every step does, and a step at the target size costs seconds).
+  Then it resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` <- "5"), reads VmRSS, runs the measured step and reads VmHWM.
   glibc is told to serve every allocation above 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed buffers go
   back to the OS at once and a later buffer cannot hide in memory the allocator kept from the warm-up.
 - CUDA: in process, ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus ``memory_allocated`` before.
@@ -47,8 +48,9 @@ def rss_supported() -> bool:
 
 
 def _measure_cpu(provider, inp, case):
-    provider.step(inp, case)                     # warm-up
-    inp.zero_grads()
+    if provider.needs_warmup:
+        provider.step(inp, case)                 # torch.compile's one-time memory is not the step's
+        inp.zero_grads()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                             # VmHWM := VmRSS

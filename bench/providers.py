@@ -28,6 +28,7 @@ class Provider:
     workloads = ()
     flop_model = {}
     speed_ok = True      # False: results are correctness/smoke only and never enter speed tables
+    needs_warmup = False  # True: the first step does one-time work (torch.compile) the memory probe must skip
 
     def unavailable(self, case):
         if case.workload not in self.workloads:
@@ -166,7 +167,7 @@ class LigerGRPO(Provider):
     flop_model = {"kdrl": "recompute", "grpo": "recompute"}
 
     def __init__(self, compiled=True):
-        self.compiled = compiled
+        self.compiled = self.needs_warmup = compiled
         self._fns = {}
 
     def unavailable(self, case):
@@ -195,7 +196,7 @@ class LigerJSD(Provider):
     flop_model = {"rkl": "min"}
 
     def __init__(self, compiled=True):
-        self.compiled = compiled
+        self.compiled = self.needs_warmup = compiled
         self._fn = None
 
     def unavailable(self, case):

@@ -91,7 +91,7 @@ def plan(args):
     repeats = pre.repeats if args.repeats is None else args.repeats
     if repeats < 1 or warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
-    return name, cases, warmup, repeats
+    return name, cases, warmup, repeats, pre.skip_large_vocab
 
 
 def _preflight(provs, inp, case, progress):
@@ -112,6 +112,8 @@ def run_case(case, provs, args, ctx, progress):
     ready, notes = [], {}
     for p in provs:
         reason = p.unavailable(case)
+        if reason is None and p.name in ctx["skip_large_vocab"] and case.vocab >= 100_000:
+            reason = f"left out of preset {ctx['preset']} at V >= 100k (minutes per step here; --full runs it)"
         if reason is None:
             ready.append(p)
         elif case.workload in p.workloads:      # "does not implement" is not news; missing pieces are
@@ -161,7 +163,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    preset_name, cases, warmup, repeats = plan(args)
+    preset_name, cases, warmup, repeats, skip_large_vocab = plan(args)
     provs = providers.select(args.providers, liger_compiled=not args.liger_eager)
     run_id = args.resume or results.new_run_id()
     previous = results.load(args.out, run_id) if args.resume else []
@@ -169,6 +171,7 @@ def main(argv=None):
     meta = results.metadata(torch.get_num_threads(), args.device)
     rss_ok = args.device == "cpu" and memory.rss_supported()
     ctx = dict(meta=meta, run_id=run_id, preset=preset_name, warmup=warmup, repeats=repeats, rss_ok=rss_ok,
+               skip_large_vocab=() if args.providers else skip_large_vocab,
                mem_method=memory.METHOD_CUDA if args.device == "cuda" else
                memory.METHOD_CPU if rss_ok else "not measured (no /proc/self/clear_refs)")
     print(f"kdrl-kernels bench | preset {preset_name} | run {run_id} | {meta['machine']} | {meta['cpu']} | "

@@ -110,6 +110,9 @@ class Preset:
     cases: tuple
     warmup: int
     repeats: int
+    # Providers left out of cases with V >= 100k in this preset because one of their steps costs more than the
+    # preset's time budget allows (named in the output; --full runs them everywhere).
+    skip_large_vocab: tuple = ()
 
 
 def _cases(workloads, models, tokens, dtypes, device, vocabs=(None,)):
@@ -139,7 +142,7 @@ def preset(name: str, device: str = "cpu") -> Preset:
         cases = (_cases(["kdrl"], [q], [2048], ["bfloat16"], device)
                  + _cases(["kdrl"], [s], [1024], ["bfloat16"], device)
                  + _cases(["grpo", "rkl"], [s], [1024], ["bfloat16"], device))
-        return Preset(name, cases, warmup=1, repeats=3)
+        return Preset(name, cases, warmup=1, repeats=3, skip_large_vocab=("torch-lce",))
     if name == "full":
         tokens = [4096, 16384, 32768] if gpu else [512, 1024, 2048, 4096]
         big = [4096, 16384] if gpu else [512, 1024]
@@ -182,7 +185,8 @@ def make_inputs(case: Case, seed: int = 0) -> Inputs:
     dtype, dev = case.torch_dtype, torch.device(case.device)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=dev, dtype=dtype)
+        # Drawn in the target dtype directly: a 152k x 1536 fp32 draw plus a cast costs seconds per case.
+        return torch.empty(*shape, dtype=dtype).normal_(0.0, scale, generator=gen).to(dev)
 
     n, b, t = case.n_tokens, case.batch, case.seq_len
     hidden = randn(n, case.d).requires_grad_(True)
