@@ -7,8 +7,9 @@ FLOPs) and get zeros in every output.
 
 Precision: logits are always computed and normalised in fp32. bf16 inputs are upcast for the forward matmul
 because rounding logits to bf16 costs 1e-2..1e-1 in log-prob (the bug behind Liger #1432), and CPU torch has no
-bf16 x bf16 -> fp32 matmul. The backward matmuls run in the input dtype with fp32 accumulation inside the BLAS
-(as every bf16 training step does for its logit gradients); dW is accumulated across chunks in fp32.
+bf16 x bf16 -> fp32 matmul. The backward matmuls reuse that fp32 weight copy, so gradients are rounded to the
+input dtype once, at the end; dW is accumulated across chunks in fp32. The price is speed: bf16 runs at fp32
+matmul speed on CPU (GPUs get bf16 tensor cores with fp32 accumulation in the Triton kernels).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def default_chunk_size(vocab: int, n_rows: int) -> int:
     return max(1, min(rows, n_rows))
 
 
-def _fp32(x):
+def as_fp32(x):
     return None if x is None else x.float()
 
 
@@ -82,7 +83,7 @@ def logprobs_forward(hidden, weight, bias, targets, *, temperature=1.0, ignore_i
     out = torch.zeros(3, n, dtype=torch.float32, device=hidden.device)
     if rows.numel() == 0:
         return out[0], out[1], out[2]
-    w32, b32 = _fp32(weight), _fp32(bias)
+    w32, b32 = as_fp32(weight), as_fp32(bias)
     chunk = chunk_size or default_chunk_size(weight.shape[0], rows.numel())
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
@@ -95,21 +96,17 @@ def logprobs_forward(hidden, weight, bias, targets, *, temperature=1.0, ignore_i
     return out[0], out[1], out[2]
 
 
-def _accumulate_grads(dz, h, weight, idx, grad_hidden, grad_weight32, grad_bias32):
-    """Backpropagate one chunk's logit gradient dz ``(c, V)`` fp32 through ``logits = h @ W.T + b``."""
-    dz_mm = dz.to(weight.dtype)
+def accumulate_grads(dz, h, w32, idx, grad_hidden, grad_weight32, grad_bias32):
+    """Backpropagate one chunk's fp32 logit gradient dz ``(c, V)`` through ``logits = h @ W.T + b``, in fp32."""
     if grad_hidden is not None:
-        grad_hidden[idx] = (dz_mm @ weight).to(grad_hidden.dtype)
+        grad_hidden[idx] = (dz @ w32).to(grad_hidden.dtype)
     if grad_weight32 is not None:
-        if weight.dtype == torch.float32:
-            grad_weight32.addmm_(dz_mm.T, h)
-        else:
-            grad_weight32 += (dz_mm.T @ h.to(weight.dtype)).float()
+        grad_weight32.addmm_(dz.T, h.float())
     if grad_bias32 is not None:
         grad_bias32 += dz.sum(0)
 
 
-def _grad_buffers(hidden, weight, bias, needs):
+def grad_buffers(hidden, weight, bias, needs):
     need_h, need_w, need_b = needs
     grad_hidden = torch.zeros_like(hidden) if need_h else None
     grad_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -118,7 +115,7 @@ def _grad_buffers(hidden, weight, bias, needs):
     return grad_hidden, grad_weight32, grad_bias32
 
 
-def _finish_grads(weight, bias, grad_hidden, grad_weight32, grad_bias32):
+def finish_grads(weight, bias, grad_hidden, grad_weight32, grad_bias32):
     grad_weight = grad_weight32.to(weight.dtype) if grad_weight32 is not None else None
     grad_bias = grad_bias32.to(bias.dtype) if grad_bias32 is not None else None
     return grad_hidden, grad_weight, grad_bias
@@ -132,10 +129,10 @@ def logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, grad_entrop
     Returns ``(grad_hidden, grad_weight, grad_bias)`` in the dtypes of the inputs (None where not needed).
     """
     rows, _ = _valid_rows(targets, ignore_index)
-    grads = _grad_buffers(hidden, weight, bias, needs)
+    grads = grad_buffers(hidden, weight, bias, needs)
     if rows.numel() == 0:
-        return _finish_grads(weight, bias, *grads)
-    w32, b32 = _fp32(weight), _fp32(bias)
+        return finish_grads(weight, bias, *grads)
+    w32, b32 = as_fp32(weight), as_fp32(bias)
     chunk = chunk_size or default_chunk_size(weight.shape[0], rows.numel())
     need_entropy = grad_entropy is not None
     for start in range(0, rows.numel(), chunk):
@@ -154,8 +151,8 @@ def logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, grad_entrop
         dz.scatter_add_(1, targets[idx][:, None], g)
         if temperature != 1.0:
             dz /= temperature
-        _accumulate_grads(dz, h, weight, idx, *grads)
-    return _finish_grads(weight, bias, *grads)
+        accumulate_grads(dz, h, w32, idx, *grads)
+    return finish_grads(weight, bias, *grads)
 
 
 def divergence_and_grad(zs, zt, kind, beta, need_grad):
@@ -193,7 +190,7 @@ def _kl_chunks(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, chu
     rows = mask.nonzero().squeeze(1) if mask is not None else torch.arange(s_hidden.shape[0],
                                                                           device=s_hidden.device)
     chunk = chunk_size or default_chunk_size(s_weight.shape[0], max(rows.numel(), 1))
-    return rows, chunk, (_fp32(s_weight), _fp32(s_bias), _fp32(t_weight), _fp32(t_bias))
+    return rows, chunk, (as_fp32(s_weight), as_fp32(s_bias), as_fp32(t_weight), as_fp32(t_bias))
 
 
 def kl_forward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, *, kind="reverse", beta=0.5,
@@ -216,7 +213,7 @@ def kl_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, s_
     """Student gradients of ``sum(grad_kl * kl)`` by recomputing both models' logits chunk by chunk."""
     rows, chunk, (sw, sb, tw, tb) = _kl_chunks(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask,
                                                chunk_size)
-    grads = _grad_buffers(s_hidden, s_weight, s_bias, needs)
+    grads = grad_buffers(s_hidden, s_weight, s_bias, needs)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
         h = s_hidden[idx]
@@ -224,5 +221,5 @@ def kl_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, s_
         zt = chunk_logits(t_hidden[idx], tw, tb, temperature)
         _, _, _, dz = divergence_and_grad(zs, zt, kind, beta, need_grad=True)
         dz *= grad_kl[idx].float()[:, None] / temperature
-        _accumulate_grads(dz, h, s_weight, idx, *grads)
-    return _finish_grads(s_weight, s_bias, *grads)
+        accumulate_grads(dz, h, sw, idx, *grads)
+    return finish_grads(s_weight, s_bias, *grads)

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .chunked import _accumulate_grads, _finish_grads, _fp32, _grad_buffers, chunk_logits, default_chunk_size
+from .chunked import accumulate_grads, as_fp32, chunk_logits, default_chunk_size, finish_grads, grad_buffers
 
 __all__ = ["TeacherInputs", "FusedLossParams", "FusedPolicyLoss", "STAT_ROWS"]
 
@@ -83,11 +83,11 @@ class FusedPolicyLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, teacher: TeacherInputs, params: FusedLossParams):
         n = hidden.shape[0]
         needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        grads = _grad_buffers(hidden, weight, bias, needs)
+        grads = grad_buffers(hidden, weight, bias, needs)
         stats = torch.zeros(len(STAT_ROWS), n, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w32, b32 = _fp32(weight), _fp32(bias)
-        tw32, tb32 = _fp32(teacher.weight), _fp32(teacher.bias)
+        w32, b32 = as_fp32(weight), as_fp32(bias)
+        tw32, tb32 = as_fp32(teacher.weight), as_fp32(teacher.bias)
         chunk = params.chunk_size or default_chunk_size(weight.shape[0], max(n, 1))
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(start + chunk, n), device=hidden.device)
@@ -120,8 +120,8 @@ class FusedPolicyLoss(torch.autograd.Function):
             if params.temperature != 1.0:
                 dz /= params.temperature
             if any(needs):
-                _accumulate_grads(dz, h, weight, idx, *grads)
-        grad_hidden, grad_weight, grad_bias = _finish_grads(weight, bias, *grads)
+                accumulate_grads(dz, h, w32, idx, *grads)
+        grad_hidden, grad_weight, grad_bias = finish_grads(weight, bias, *grads)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(stats)
         return loss, stats
