@@ -228,7 +228,7 @@ def _metrics(cfg, loss, beta, s, t, kl, ent, old, adv, w_pg, w_kd):
     """Floats for logging, computed from the per-token statistics without gradients (one host sync)."""
     n = s.numel()
     if n == 0:
-        return {"loss": float(loss), "num_tokens": 0.0, "beta": beta}
+        return {"loss": float(loss.detach()), "num_tokens": 0.0, "beta": float(beta)}
     with torch.no_grad():
         pg, kd = token_losses(s, t, old, adv, kl, cfg, beta)
         log_ratio = s - (s if old is None else old)
