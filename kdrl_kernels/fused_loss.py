@@ -15,7 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .chunked import accumulate_grads, as_fp32, chunk_logits, default_chunk_size, finish_grads, grad_buffers
+from .chunked import (Workspace, accumulate_grads, as_fp32, chunk_logits, default_chunk_size, finish_grads,
+                      grad_buffers, log_softmax_, rowdot)
 
 __all__ = ["TeacherInputs", "FusedLossParams", "FusedPolicyLoss", "STAT_ROWS"]
 
@@ -42,21 +43,21 @@ class FusedLossParams:
     need_entropy: bool = False
 
 
-def _rowdot(a, b):
-    """Row-wise dot product of two ``(c, V)`` tensors without a ``(c, V)`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _teacher_chunk(ws, teacher, tw32, tb32, idx, targets, temperature, keep_logq):
+    """Teacher log-prob of the targets for one chunk; with ``keep_logq`` also the teacher's ``(c, V)`` log-probs.
 
-
-def _teacher_chunk(teacher, tw32, tb32, idx, targets, temperature, keep_logq):
-    """Teacher log-prob of the targets for one chunk, and the teacher's ``(c, V)`` log-probs when ``keep_logq``."""
+    Without ``keep_logq`` the teacher's logits go through the student's buffer "z", which the student then
+    overwrites: a k1/k2/k3 step needs two vocabulary-sized buffers in all, the exact KL three.
+    """
     if teacher.hidden is None:
         return teacher.logprobs[idx].float(), None
-    zt = chunk_logits(teacher.hidden[idx], tw32, tb32, temperature)
-    zt -= torch.logsumexp(zt, dim=1, keepdim=True)
-    t = zt.gather(1, targets[:, None]).squeeze(1)
-    if teacher.logprobs is not None:  # precomputed log-probs win for t; the full row is still used for the KL
+    n = idx.numel()
+    logq = chunk_logits(teacher.hidden[idx], tw32, tb32, temperature, out=ws.take("zt" if keep_logq else "z", n))
+    log_softmax_(logq, ws.take("p", n))
+    t = logq.gather(1, targets[:, None]).squeeze(1)
+    if teacher.logprobs is not None:  # precomputed log-probs win for t; the full row still serves the exact KL
         t = teacher.logprobs[idx].float()
-    return t, (zt if keep_logq else None)
+    return t, (logq if keep_logq else None)
 
 
 def _objective_grads(params, idx, s, t, kl):
@@ -88,24 +89,27 @@ class FusedPolicyLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w32, b32 = as_fp32(weight), as_fp32(bias)
         tw32, tb32 = as_fp32(teacher.weight), as_fp32(teacher.bias)
-        chunk = params.chunk_size or default_chunk_size(weight.shape[0], max(n, 1))
+        has_teacher = teacher.hidden is not None or teacher.logprobs is not None
+        n_buffers = 3 if params.need_exact_kl else 2
+        chunk = params.chunk_size or default_chunk_size(weight.shape[0], max(n, 1), n_buffers)
+        ws = Workspace(chunk, weight.shape[0], hidden.device)
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(start + chunk, n), device=hidden.device)
             tgt = targets[idx]
-            t, logq = (_teacher_chunk(teacher, tw32, tb32, idx, tgt, params.temperature, params.need_exact_kl)
-                       if (teacher.hidden is not None or teacher.logprobs is not None) else (None, None))
+            t, logq = (_teacher_chunk(ws, teacher, tw32, tb32, idx, tgt, params.temperature, params.need_exact_kl)
+                       if has_teacher else (None, None))
             h = hidden[idx]
-            logp = chunk_logits(h, w32, b32, params.temperature)
-            logp -= torch.logsumexp(logp, dim=1, keepdim=True)
+            logp = chunk_logits(h, w32, b32, params.temperature, out=ws.take("z", idx.numel()))
+            p = ws.take("p", idx.numel())
+            log_softmax_(logp, p)
             s = logp.gather(1, tgt[:, None]).squeeze(1)
-            p = logp.exp()
             kl = None
             if params.need_exact_kl:
                 diff = logq.neg_().add_(logp)  # log p - log q, in the teacher's buffer
-                kl = _rowdot(p, diff)
+                kl = rowdot(p, diff)
                 stats[2, idx] = kl
             if params.need_entropy:
-                stats[3, idx] = -_rowdot(p, logp)
+                stats[3, idx] = -rowdot(p, logp)
             value, g_s, g_kl = _objective_grads(params, idx, s, t, kl)
             loss += value
             stats[0, idx] = s
@@ -115,7 +119,6 @@ class FusedPolicyLoss(torch.autograd.Function):
             dz = torch.mul(p, -g_s[:, None], out=logp)
             if g_kl is not None:
                 dz += diff.sub_(kl[:, None]).mul_(p).mul_(g_kl[:, None])
-            del p
             dz.scatter_add_(1, tgt[:, None], g_s[:, None])
             if params.temperature != 1.0:
                 dz /= params.temperature
