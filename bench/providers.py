@@ -116,10 +116,16 @@ class OursOps(Provider):
 
 
 class OursKDRLLoss(Provider):
-    """``KDRLLoss``: on CPU a single pass that computes gradients during forward (6NdV, no recompute)."""
+    """``KDRLLoss``: on CPU a single pass that computes gradients during forward (6NdV, no recompute).
+
+    Configured to do exactly the workload's work: ``compute_entropy=False`` (the entropy metric, on by default,
+    costs an extra pass over each chunk that no other provider does). rkl is ``objective="kd"`` with the exact KL.
+    """
     name, label = "ours-kdrlloss", "kdrl_kernels.KDRLLoss (single pass on CPU)"
-    workloads = ("kdrl", "grpo")
-    flop_model = {"kdrl": "min", "grpo": "min"}
+    workloads = ("kdrl", "grpo", "rkl")
+    flop_model = {"kdrl": "min", "grpo": "min", "rkl": "min"}
+    OBJECTIVE = {"kdrl": dict(objective="kdrl", kl_estimator="k2"), "grpo": dict(objective="grpo"),
+                 "rkl": dict(objective="kd", kl_estimator="exact")}
 
     def __init__(self):
         self._fns = {}
@@ -138,17 +144,19 @@ class OursKDRLLoss(Provider):
         from kdrl_kernels import KDRLConfig, KDRLLoss
         key = (workload, inp.beta, inp.eps_low, inp.eps_high)
         if key not in self._fns:
-            self._fns[key] = KDRLLoss(KDRLConfig(objective=workload, kl_estimator="k2", beta=inp.beta,
-                                                 eps_low=inp.eps_low, eps_high=inp.eps_high,
-                                                 aggregation="token_mean"))
+            self._fns[key] = KDRLLoss(KDRLConfig(beta=inp.beta, eps_low=inp.eps_low, eps_high=inp.eps_high,
+                                                 aggregation="token_mean", compute_entropy=False,
+                                                 **self.OBJECTIVE[workload]))
         return self._fns[key]
 
     def loss(self, inp, case):
-        teacher = {}
-        if case.workload == "kdrl":
+        teacher, adv = {}, {}
+        if case.workload != "grpo":
             teacher = dict(teacher_hidden=_seq(inp.t_hidden, case), teacher_weight=inp.t_weight)
+        if case.workload != "rkl":
+            adv = dict(advantages=inp.advantages)
         loss, _ = self._fn(inp, case.workload)(_seq(inp.hidden, case), inp.weight, inp.targets, inp.mask,
-                                               advantages=inp.advantages, **teacher)
+                                               **teacher, **adv)
         return loss
 
 
