@@ -2,7 +2,7 @@
 
 ``provider.unavailable(case)`` says why a provider cannot run a case (None when it can) and
 ``provider.step(inputs, case)`` runs one forward + backward, leaving dH and dW in ``inputs.hidden.grad`` /
-``inputs.weight.grad`` and returning the loss as a float. ``flop_model[workload]`` names the FLOP model of
+``inputs.weight.grad`` and returning the loss as a float. ``flop_model_for(case)`` names the FLOP model of
 ``workloads.FLOP_MODELS`` the provider actually executes (recompute or not), so achieved GFLOP/s can be reported
 both as useful work (the minimum model, the same for all) and as executed work.
 """
@@ -29,6 +29,10 @@ class Provider:
     flop_model = {}
     speed_ok = True      # False: results are correctness/smoke only and never enter speed tables
     needs_warmup = False  # True: the first step does one-time work (torch.compile) the memory probe must skip
+
+    def flop_model_for(self, case) -> str:
+        """The FLOP model this provider executes on ``case`` (a key of ``workloads.FLOP_MODELS``)."""
+        return self.flop_model[case.workload]
 
     def unavailable(self, case):
         if case.workload not in self.workloads:
@@ -73,14 +77,15 @@ def _objective_from_logprobs(s, t, inp, workload):
 class OursOps(Provider):
     """The public ops (``fused_linear_logprobs`` / ``fused_linear_kl``) under autograd, objectives on top."""
     workloads = ("kdrl", "grpo", "rkl")
+    # Both backends keep only per-row statistics and recompute logits in backward (the KL backward recomputes
+    # the teacher's too).
+    FLOP_MODEL = {"kdrl": "recompute", "grpo": "recompute", "rkl": "recompute_both"}
 
     def __init__(self, backend="torch"):
         self.backend = backend
         self.name = f"ours-{'chunked' if backend == 'torch' else backend}"
         self.label = f"kdrl_kernels ops, backend={backend!r}, autograd"
-        # Both backends keep only per-row statistics and recompute logits in backward (the KL backward
-        # recomputes the teacher's too).
-        self.flop_model = {"kdrl": "recompute", "grpo": "recompute", "rkl": "recompute_both"}
+        self.flop_model = self.FLOP_MODEL
         self.interpreted = backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
         self.speed_ok = not self.interpreted
         if self.interpreted:
@@ -129,6 +134,12 @@ class OursKDRLLoss(Provider):
 
     def __init__(self):
         self._fns = {}
+
+    def flop_model_for(self, case):
+        # On CUDA KDRLLoss composes the Triton ops, which recompute logits in backward.
+        if case.device == "cuda":
+            return OursOps.FLOP_MODEL[case.workload]
+        return self.flop_model[case.workload]
 
     def unavailable(self, case):
         reason = super().unavailable(case)

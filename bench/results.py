@@ -109,7 +109,7 @@ def load(out_dir, run_id=None):
 def case_record(case, provider, timing, mem, meta, run_id, preset, useful_flops, executed_flops, mem_method):
     """One result row. ``timing``: ``timing.summarize`` dict (or None); ``mem``: (incl, excl) bytes or None."""
     rec = dict(case.as_dict(), run_id=run_id, preset=preset, provider=provider.name, speed_ok=provider.speed_ok,
-               flop_model=provider.flop_model[case.workload],
+               flop_model=provider.flop_model_for(case),
                timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), mem_method=mem_method,
                **meta)
     if timing:

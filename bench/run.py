@@ -91,7 +91,7 @@ def plan(args):
     repeats = pre.repeats if args.repeats is None else args.repeats
     if repeats < 1 or warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
-    return name, cases, warmup, repeats, pre.skip_large_vocab
+    return name, cases, warmup, repeats, dict(pre.skip)
 
 
 def _preflight(provs, inp, case, progress):
@@ -112,8 +112,10 @@ def run_case(case, provs, args, ctx, progress):
     ready, notes = [], {}
     for p in provs:
         reason = p.unavailable(case)
-        if reason is None and p.name in ctx["skip_large_vocab"] and case.vocab >= 100_000:
-            reason = f"left out of preset {ctx['preset']} at V >= 100k (minutes per step here; --full runs it)"
+        min_vocab = ctx["skip"].get(p.name)
+        if reason is None and min_vocab is not None and case.vocab >= min_vocab:
+            reason = (f"left out of preset {ctx['preset']}{f' at V >= {min_vocab}' if min_vocab else ''} "
+                      "(too slow for its time budget; --full or --providers runs it)")
         if reason is None:
             ready.append(p)
         elif case.workload in p.workloads:      # "does not implement" is not news; missing pieces are
@@ -143,7 +145,7 @@ def run_case(case, provs, args, ctx, progress):
         summ = timing.summarize(raw[p.name]["times"])
         summ["loss"] = raw[p.name]["loss"]
         rec = results.case_record(case, p, summ, mems.get(p.name), ctx["meta"], ctx["run_id"], ctx["preset"],
-                                  workloads.flops(case, "min"), workloads.flops(case, p.flop_model[case.workload]),
+                                  workloads.flops(case, "min"), workloads.flops(case, p.flop_model_for(case)),
                                   ctx["mem_method"])
         recs.append(rec)
     for name, note in notes.items():
@@ -163,7 +165,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    preset_name, cases, warmup, repeats, skip_large_vocab = plan(args)
+    preset_name, cases, warmup, repeats, skip = plan(args)
     provs = providers.select(args.providers, liger_compiled=not args.liger_eager)
     run_id = args.resume or results.new_run_id()
     previous = results.load(args.out, run_id) if args.resume else []
@@ -171,7 +173,7 @@ def main(argv=None):
     meta = results.metadata(torch.get_num_threads(), args.device)
     rss_ok = args.device == "cpu" and memory.rss_supported()
     ctx = dict(meta=meta, run_id=run_id, preset=preset_name, warmup=warmup, repeats=repeats, rss_ok=rss_ok,
-               skip_large_vocab=() if args.providers else skip_large_vocab,
+               skip={} if args.providers else skip,
                mem_method=memory.METHOD_CUDA if args.device == "cuda" else
                memory.METHOD_CPU if rss_ok else "not measured (no /proc/self/clear_refs)")
     print(f"kdrl-kernels bench | preset {preset_name} | run {run_id} | {meta['machine']} | {meta['cpu']} | "
