@@ -128,6 +128,8 @@ def plots(records, out_dir) -> list:
                                  and r.get(metric) is not None)
                     if pts:
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+                if len({r[axis_key] for r in rows if r["model"] == model and r[other] == fixed}) > 1:
+                    ax.set_xscale("log", base=2)     # sweeps double N or V
                 ax.set_xlabel(label)
                 ax.set_ylabel(ylab)
                 ax.set_title(f"{model}, {other}={fixed}", fontsize=9)

@@ -16,8 +16,8 @@ from bench import providers, workloads  # noqa: E402
 
 pytest.importorskip("pytest_benchmark")
 
-CASES = [(w, p) for w in workloads.WORKLOADS
-         for p in ("naive", "ours-chunked", "ours-kdrlloss", "liger-grpo", "liger-jsd", "torch-lce")]
+NAMES = ("naive", "ours-chunked", "ours-kdrlloss", "liger-grpo", "liger-jsd", "torch-lce")
+CASES = [(w, p.name) for p in providers.select(NAMES) for w in workloads.WORKLOADS if w in p.workloads]
 
 
 @pytest.mark.parametrize("workload,name", CASES)
