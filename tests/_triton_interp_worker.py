@@ -16,7 +16,8 @@ import zlib
 
 # Kept importable without triton (the test module reads the case names).
 LOGPROB_CASES = {
-    "fp32_bias_t1": dict(dtype="fp32", bias=True, temperature=1.0, entropy_grad=True),
+    # prompt_rows: the first 20 rows ignored, so whole 16-row blocks take the kernels' skip path
+    "fp32_bias_t1_prompt": dict(dtype="fp32", bias=True, temperature=1.0, entropy_grad=True, prompt_rows=20),
     "fp32_nobias_t07_noentgrad_strided": dict(dtype="fp32", bias=False, temperature=0.7, entropy_grad=False,
                                               strided=True),
     "bf16_bias_t07": dict(dtype="bf16", bias=True, temperature=0.7, entropy_grad=True),
@@ -27,8 +28,10 @@ LOGPROB_CASES = {
 KL_CASES = {
     "reverse_fp32_bias_mask_t07": dict(kind="reverse", dtype="fp32", bias=True, mask=True, temperature=0.7),
     "forward_fp32_nobias_nomask": dict(kind="forward", dtype="fp32", bias=False, mask=False, temperature=1.0),
-    "jsd_fp32_bias_mask_t07": dict(kind="jsd", beta=0.3, dtype="fp32", bias=True, mask=True, temperature=0.7),
-    "reverse_bf16_nobias_mask": dict(kind="reverse", dtype="bf16", bias=False, mask=True, temperature=1.0),
+    "jsd_fp32_bias_mask_t07_prompt": dict(kind="jsd", beta=0.3, dtype="fp32", bias=True, mask=True,
+                                          temperature=0.7, prompt_rows=20),
+    "reverse_bf16_nobias_mask_prompt": dict(kind="reverse", dtype="bf16", bias=False, mask=True, temperature=1.0,
+                                            prompt_rows=20),
     "forward_bf16_bias_mask_t07": dict(kind="forward", dtype="bf16", bias=True, mask=True, temperature=0.7),
     "jsd_bf16_nobias_nomask": dict(kind="jsd", beta=0.5, dtype="bf16", bias=False, mask=False, temperature=1.0),
     "reverse_bf16_close_teacher": dict(kind="reverse", dtype="bf16", bias=False, mask=True, temperature=1.0,
@@ -70,6 +73,7 @@ def run_logprobs(torch, name, spec):
     hidden, weight, bias = _inputs(torch, gen, dtype, N, D, spec["bias"], spec.get("strided", False))
     targets = torch.randint(0, V, (N,), generator=gen)
     targets[torch.rand(N, generator=gen) < 0.2] = -100
+    targets[:spec.get("prompt_rows", 0)] = -100
     if spec.get("all_ignored"):
         targets[:] = -100
     g_logp = torch.randn(N, generator=gen)
@@ -118,6 +122,8 @@ def run_kl(torch, name, spec):
     else:
         t_h, t_w, t_b = _inputs(torch, gen, dtype, N, D_T, spec["bias"])
     mask = (torch.rand(N, generator=gen) > 0.25) if spec["mask"] else None
+    if mask is not None:
+        mask[:spec.get("prompt_rows", 0)] = False
     g = torch.randn(N, generator=gen)
     config = None if spec.get("default_config") else KernelConfig(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16,
                                                                    num_warps=4, num_stages=1)

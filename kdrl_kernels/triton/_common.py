@@ -67,19 +67,24 @@ class KernelConfig:
 
 # Tuned with the ahead-of-time report (python -m kdrl_kernels.triton.aot): no register spills on sm_80 or sm_90.
 # The hidden dimension is a runtime loop in BLOCK_D chunks, so these numbers hold for any d (4096 included).
-# fp32 inputs use ieee dots (FMA, not tensor cores): their operands live in registers, hence BLOCK_D = 16
-# (BLOCK_D = 32 spilled up to 4 KB in the grad_weight kernel). Keys: (kernel family, input element size in bytes).
+# fp32 inputs use ieee dots (FMA, not tensor cores) whose operands live in registers, hence BLOCK_D = 16; ptxas
+# spilled with BLOCK_D = 32 (4 KB, logprobs grad_weight), with BLOCK_V = 128 in that kernel (16 B on sm_80) and,
+# oddly, with BLOCK_V = 64 in the logprobs forward (24 B on sm_90). Keys: (kernel, input element size in bytes).
+_BF16_SINGLE = KernelConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+_BF16_PAIR = KernelConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3)
+_FP32_WIDE = KernelConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=16, num_warps=8, num_stages=2)
+_FP32 = KernelConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2)
 CONFIGS = {
-    ("single", 2): KernelConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3),
-    ("single", 4): KernelConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=16, num_warps=8, num_stages=2),
-    ("pair", 2): KernelConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3),
-    ("pair", 4): KernelConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+    ("logprobs_fwd", 2): _BF16_SINGLE, ("logprobs_bwd", 2): _BF16_SINGLE,
+    ("kl_fwd", 2): _BF16_PAIR, ("kl_bwd", 2): _BF16_PAIR,
+    ("logprobs_fwd", 4): _FP32_WIDE, ("logprobs_bwd", 4): _FP32,
+    ("kl_fwd", 4): _FP32, ("kl_bwd", 4): _FP32,
 }
 
 
-def default_config(family: str, dtype: torch.dtype) -> KernelConfig:
-    """Launch configuration for a kernel family ("single": one model's logits, "pair": student + teacher)."""
-    return CONFIGS[(family, 2 if dtype.itemsize <= 2 else 4)]
+def default_config(kernel: str, dtype: torch.dtype) -> KernelConfig:
+    """Launch configuration of ``kernel`` (logprobs_fwd, logprobs_bwd, kl_fwd, kl_bwd) for inputs of ``dtype``."""
+    return CONFIGS[(kernel, 2 if dtype.itemsize <= 2 else 4)]
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -87,6 +92,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+@triton.jit
+def any_row(valid):
+    """True when any row of the block is valid; blocks of ignored rows (prompt, padding) skip every GEMM."""
+    return tl.max(valid.to(tl.int32), axis=0) > 0
 
 
 @triton.jit
@@ -138,6 +149,9 @@ def accumulate_rows(acc_ptr, offs_r, R, D, stride_ar, stride_ad, x, b_ptr, offs_
         a_ptrs = a_rows + d[None, :] * stride_ad
         upd = tl.dot(x, b, input_precision=PRECISION, out_dtype=tl.float32)
         tl.store(a_ptrs, tl.load(a_ptrs, mask=r_ok & d_ok, other=0.0) + upd, mask=r_ok & d_ok)
+    # The next call re-reads these rows, possibly through other threads of the block if the compiler picks a
+    # different register layout for that load: a block-wide barrier orders the global stores before it.
+    tl.debug_barrier()
 
 
 def check_2d(name: str, x: torch.Tensor, rows: int | None = None, cols: int | None = None) -> None:

@@ -35,18 +35,18 @@ _FLOATS = {"inv_temp", "beta"}
 _ALIGNED_INTS = {"D", "DT", "stride_hn", "stride_wv", "s_hn", "s_wv", "t_hn", "t_wv"}  # multiples of 16 in practice
 _TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
-# (report name, kernel, config family, constexpr flags). lm_heads have no bias; the KL kernels take a mask.
+# (report name, kernel, key of _common.CONFIGS, constexpr flags). lm_heads have no bias; the KL kernels take a mask.
 _KL_FLAGS = dict(HAS_SBIAS=False, HAS_TBIAS=False, HAS_MASK=True)
 KERNELS = [
-    ("logprobs_fwd", logprobs._logprobs_fwd_kernel, "single", dict(HAS_BIAS=False)),
-    ("logprobs_bwd_hidden", logprobs._logprobs_bwd_hidden_kernel, "single", dict(HAS_BIAS=False, HAS_GENT=True)),
-    ("logprobs_bwd_weight", logprobs._logprobs_bwd_weight_kernel, "single", dict(HAS_BIAS=False, HAS_GENT=True)),
-    ("kl_fwd[reverse]", kl._kl_fwd_kernel, "pair", dict(KIND=0, **_KL_FLAGS)),
-    ("kl_fwd[jsd]", kl._kl_fwd_kernel, "pair", dict(KIND=2, **_KL_FLAGS)),
-    ("kl_bwd_hidden[reverse]", kl._kl_bwd_hidden_kernel, "pair", dict(KIND=0, **_KL_FLAGS)),
-    ("kl_bwd_hidden[jsd]", kl._kl_bwd_hidden_kernel, "pair", dict(KIND=2, **_KL_FLAGS)),
-    ("kl_bwd_weight[reverse]", kl._kl_bwd_weight_kernel, "pair", dict(KIND=0, **_KL_FLAGS)),
-    ("kl_bwd_weight[jsd]", kl._kl_bwd_weight_kernel, "pair", dict(KIND=2, **_KL_FLAGS)),
+    ("logprobs_fwd", logprobs._logprobs_fwd_kernel, "logprobs_fwd", dict(HAS_BIAS=False)),
+    ("logprobs_bwd_hidden", logprobs._logprobs_bwd_hidden_kernel, "logprobs_bwd", dict(HAS_BIAS=False, HAS_GENT=True)),
+    ("logprobs_bwd_weight", logprobs._logprobs_bwd_weight_kernel, "logprobs_bwd", dict(HAS_BIAS=False, HAS_GENT=True)),
+    ("kl_fwd[reverse]", kl._kl_fwd_kernel, "kl_fwd", dict(KIND=0, **_KL_FLAGS)),
+    ("kl_fwd[jsd]", kl._kl_fwd_kernel, "kl_fwd", dict(KIND=2, **_KL_FLAGS)),
+    ("kl_bwd_hidden[reverse]", kl._kl_bwd_hidden_kernel, "kl_bwd", dict(KIND=0, **_KL_FLAGS)),
+    ("kl_bwd_hidden[jsd]", kl._kl_bwd_hidden_kernel, "kl_bwd", dict(KIND=2, **_KL_FLAGS)),
+    ("kl_bwd_weight[reverse]", kl._kl_bwd_weight_kernel, "kl_bwd", dict(KIND=0, **_KL_FLAGS)),
+    ("kl_bwd_weight[jsd]", kl._kl_bwd_weight_kernel, "kl_bwd", dict(KIND=2, **_KL_FLAGS)),
 ]
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -110,17 +110,18 @@ def inspect_binary(compiled) -> dict:
                 hmma=len(re.findall(r"\bmma\.sync", ptx)), hgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)))
 
 
-def compile_one(name, fn, family, flags, dtype_name, arch, config=None) -> dict:
+def compile_one(name, fn, config_key, flags, dtype_name, arch, config=None) -> dict:
     """Compile one kernel for one arch; ``config`` (a KernelConfig) overrides the launchers' default."""
     dtype = DTYPES[dtype_name]
-    cfg = config or default_config(family, dtype)
+    cfg = config or default_config(config_key, dtype)
     block = dict(BLOCK_N=cfg.BLOCK_N, BLOCK_V=cfg.BLOCK_V, BLOCK_D=cfg.BLOCK_D)
     start = time.perf_counter()
     compiled = triton.compile(build_source(fn, dtype, flags, block), target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     seconds = time.perf_counter() - start
     info = inspect_binary(compiled)
-    return dict(kernel=name, arch=f"sm_{arch}", dtype=dtype_name, precision=dot_precision(dtype),
+    precision = dot_precision(dtype) if dtype == torch.float32 else "native"  # tl.dot's input_precision: fp32 only
+    return dict(kernel=name, arch=f"sm_{arch}", dtype=dtype_name, precision=precision,
                 **block, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                 shared_bytes=int(compiled.metadata.shared), **info,
                 tensor_cores=bool(info["hmma"] or info["hgmma"]), compile_s=round(seconds, 2))
@@ -131,8 +132,8 @@ def compile_report(archs=(80, 90), dtypes=("bf16", "fp32"), kernels=None, progre
     selected = [k for k in KERNELS if kernels is None or k[0] in kernels]
     jobs = [(k, d, a) for k in selected for d in dtypes for a in archs]
     rows = []
-    for i, ((name, fn, family, flags), dtype_name, arch) in enumerate(jobs, 1):
-        rows.append(compile_one(name, fn, family, flags, dtype_name, arch))
+    for i, ((name, fn, config_key, flags), dtype_name, arch) in enumerate(jobs, 1):
+        rows.append(compile_one(name, fn, config_key, flags, dtype_name, arch))
         if progress:
             print(f"[{i}/{len(jobs)}] {name} {dtype_name} sm_{arch}: {rows[-1]['compile_s']} s", file=sys.stderr)
     return rows
@@ -143,7 +144,8 @@ def format_table(rows: list[dict]) -> str:
             "HMMA", "HGMMA", "tensor cores"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        vals = [r["kernel"], r["arch"], f"{r['dtype']} ({r['precision']})",
+        dtype = r["dtype"] if r["precision"] == "native" else f"{r['dtype']} ({r['precision']})"
+        vals = [r["kernel"], r["arch"], dtype,
                 f"{r['BLOCK_N']},{r['BLOCK_V']},{r['BLOCK_D']}", f"{r['num_warps']}/{r['num_stages']}",
                 r["registers"], r["stack_bytes"], r["spill_instructions"], r["shared_bytes"], r["hmma"], r["hgmma"],
                 "yes" if r["tensor_cores"] else "no"]

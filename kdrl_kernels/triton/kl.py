@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._common import (KernelConfig, accumulate_rows, check_2d, check_float_param, check_vector, default_config,
-                      dot_precision, logits_tile)
+                      any_row, dot_precision, logits_tile)
 
 __all__ = ["kl_forward", "kl_backward", "KINDS"]
 
@@ -71,12 +71,13 @@ def _kl_fwd_kernel(
     valid = row_ok
     if HAS_MASK:
         valid = valid & (tl.load(mask_ptr + offs_n, mask=row_ok, other=0) != 0)
+    v_end = tl.where(any_row(valid), V, 0)
     ma = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     mb = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     sa = tl.zeros((BLOCK_N,), tl.float32)
     sb = tl.zeros((BLOCK_N,), tl.float32)
     cross = tl.zeros((BLOCK_N,), tl.float32)  # reverse: sum e^(a-ma) (a-b); forward: sum e^(b-mb) (b-a)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = (offs_v < V)[None, :]
         a = logits_tile(sh_ptr, sw_ptr, sb_ptr, offs_n, offs_v, N, V, D, s_hn, s_hd, s_wv, s_wd,
@@ -98,7 +99,7 @@ def _kl_fwd_kernel(
         kl = cross / sb - lse_b + lse_a
     else:
         kl = tl.zeros((BLOCK_N,), tl.float32)
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(0, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             col_ok = (offs_v < V)[None, :]
             a = logits_tile(sh_ptr, sw_ptr, sb_ptr, offs_n, offs_v, N, V, D, s_hn, s_hd, s_wv, s_wd,
@@ -157,11 +158,12 @@ def _kl_bwd_hidden_kernel(
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid, lse_a, lse_b, g = _load_rows(mask_ptr, slse_ptr, tlse_ptr, g_ptr, offs_n, N, HAS_MASK)
+    v_end = tl.where(any_row(valid), V, 0)
     if KIND == 2:
         # KL(p || m) per row, needed by every gradient term: one extra recompute pass, shared with the
         # grad_weight kernel through c_ptr.
         c = tl.zeros((BLOCK_N,), tl.float32)
-        for v0 in range(0, V, BLOCK_V):
+        for v0 in range(0, v_end, BLOCK_V):
             offs_v = v0 + tl.arange(0, BLOCK_V)
             a = logits_tile(sh_ptr, sw_ptr, sb_ptr, offs_n, offs_v, N, V, D, s_hn, s_hd, s_wv, s_wd,
                             inv_temp, HAS_SBIAS, BLOCK_N, BLOCK_V, BLOCK_D, S_PRECISION)
@@ -172,7 +174,7 @@ def _kl_bwd_hidden_kernel(
         tl.store(c_ptr + offs_n, c, mask=offs_n < N)
     else:
         c = tl.load(c_ptr + offs_n, mask=offs_n < N, other=0.0)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         a = logits_tile(sh_ptr, sw_ptr, sb_ptr, offs_n, offs_v, N, V, D, s_hn, s_hd, s_wv, s_wd,
                         inv_temp, HAS_SBIAS, BLOCK_N, BLOCK_V, BLOCK_D, S_PRECISION)
@@ -203,15 +205,16 @@ def _kl_bwd_weight_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         valid, lse_a, lse_b, g = _load_rows(mask_ptr, slse_ptr, tlse_ptr, g_ptr, offs_n, N, HAS_MASK)
-        c = tl.load(c_ptr + offs_n, mask=offs_n < N, other=0.0)
-        a = logits_tile(sh_ptr, sw_ptr, sb_ptr, offs_n, offs_v, N, V, D, s_hn, s_hd, s_wv, s_wd,
-                        inv_temp, HAS_SBIAS, BLOCK_N, BLOCK_V, BLOCK_D, S_PRECISION)
-        b = logits_tile(th_ptr, tw_ptr, tb_ptr, offs_n, offs_v, N, V, DT, t_hn, t_hd, t_wv, t_wd,
-                        inv_temp, HAS_TBIAS, BLOCK_N, BLOCK_V, BLOCK_D, T_PRECISION)
-        da = _dstudent(a, b, offs_v, V, lse_a, lse_b, c, g, valid, inv_temp, beta, KIND)
-        db += tl.sum(da, axis=0)
-        accumulate_rows(dw_ptr, offs_v, V, D, D, 1, tl.trans(da).to(sh_ptr.dtype.element_ty), sh_ptr, offs_n, N,
-                        s_hn, s_hd, BLOCK_D, S_PRECISION)
+        if any_row(valid):
+            c = tl.load(c_ptr + offs_n, mask=offs_n < N, other=0.0)
+            a = logits_tile(sh_ptr, sw_ptr, sb_ptr, offs_n, offs_v, N, V, D, s_hn, s_hd, s_wv, s_wd,
+                            inv_temp, HAS_SBIAS, BLOCK_N, BLOCK_V, BLOCK_D, S_PRECISION)
+            b = logits_tile(th_ptr, tw_ptr, tb_ptr, offs_n, offs_v, N, V, DT, t_hn, t_hd, t_wv, t_wd,
+                            inv_temp, HAS_TBIAS, BLOCK_N, BLOCK_V, BLOCK_D, T_PRECISION)
+            da = _dstudent(a, b, offs_v, V, lse_a, lse_b, c, g, valid, inv_temp, beta, KIND)
+            db += tl.sum(da, axis=0)
+            accumulate_rows(dw_ptr, offs_v, V, D, D, 1, tl.trans(da).to(sh_ptr.dtype.element_ty), sh_ptr,
+                            offs_n, N, s_hn, s_hd, BLOCK_D, S_PRECISION)
     if HAS_SBIAS:
         tl.store(db_ptr + offs_v, db, mask=offs_v < V)
 
@@ -260,7 +263,7 @@ def kl_forward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, *, 
     """
     n, v, d, dt, beta, inv_temp = _check(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, kind, beta,
                                          temperature)
-    cfg = config or default_config("pair", s_hidden.dtype)
+    cfg = config or default_config("kl_fwd", s_hidden.dtype)
     kl, s_lse, t_lse = (torch.empty(n, device=s_hidden.device, dtype=torch.float32) for _ in range(3))
     if n == 0:
         return kl, s_lse, t_lse
@@ -284,7 +287,7 @@ def kl_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, s_
     for name, x in (("s_lse", s_lse), ("t_lse", t_lse), ("kl", kl)):
         check_vector(name, x, n, torch.float32)
     check_vector("grad_kl", grad_kl, n)
-    cfg = config or default_config("pair", s_hidden.dtype)
+    cfg = config or default_config("kl_bwd", s_hidden.dtype)
     dev = s_hidden.device
     grad_h = torch.zeros((n, d), device=dev, dtype=torch.float32)
     grad_w = torch.zeros((v, d), device=dev, dtype=torch.float32)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import (KernelConfig, accumulate_rows, check_2d, check_float_param, check_vector, default_config,
-                      dot_precision, logits_tile)
+                      any_row, dot_precision, logits_tile)
 
 __all__ = ["logprobs_forward", "logprobs_backward"]
 
@@ -40,11 +40,12 @@ def _logprobs_fwd_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
     tgt = tl.load(tgt_ptr + offs_n, mask=row_ok, other=ignore_index)
+    valid = row_ok & (tgt != ignore_index)
     m = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # running max of the logits
     s = tl.zeros((BLOCK_N,), tl.float32)                 # sum exp(z - m)
     t = tl.zeros((BLOCK_N,), tl.float32)                 # sum exp(z - m) * (z - m): shifted, so no cancellation
     z_tgt = tl.zeros((BLOCK_N,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, tl.where(any_row(valid), V, 0), BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         col_ok = (offs_v < V)[None, :]
         z = logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
@@ -64,7 +65,6 @@ def _logprobs_fwd_kernel(
     log_s = tl.log(s)
     lse = m + log_s
     entropy = log_s - t / s  # H = lse - E_p[z] = log s - E_p[z - m]
-    valid = row_ok & (tgt != ignore_index)
     tl.store(logp_ptr + offs_n, tl.where(valid, z_tgt - lse, 0.0), mask=row_ok)
     tl.store(lse_ptr + offs_n, tl.where(valid, lse, 0.0), mask=row_ok)
     tl.store(ent_ptr + offs_n, tl.where(valid, entropy, 0.0), mask=row_ok)
@@ -116,7 +116,7 @@ def _logprobs_bwd_hidden_kernel(
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     tgt, valid, lse, ent, g_logp, g_ent = _load_row_stats(tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr, offs_n,
                                                           N, ignore_index, HAS_GENT)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(0, tl.where(any_row(valid), V, 0), BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         z = logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
                         inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
@@ -145,12 +145,13 @@ def _logprobs_bwd_weight_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         tgt, valid, lse, ent, g_logp, g_ent = _load_row_stats(tgt_ptr, lse_ptr, ent_ptr, glogp_ptr, gent_ptr,
                                                               offs_n, N, ignore_index, HAS_GENT)
-        z = logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
-                        inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
-        dz = _dlogits(z, offs_v, V, tgt, lse, ent, g_logp, g_ent, valid, inv_temp, HAS_GENT)
-        db += tl.sum(dz, axis=0)
-        accumulate_rows(dw_ptr, offs_v, V, D, D, 1, tl.trans(dz).to(h_ptr.dtype.element_ty), h_ptr, offs_n, N,
-                        stride_hn, stride_hd, BLOCK_D, PRECISION)
+        if any_row(valid):
+            z = logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, N, V, D, stride_hn, stride_hd, stride_wv, stride_wd,
+                            inv_temp, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, PRECISION)
+            dz = _dlogits(z, offs_v, V, tgt, lse, ent, g_logp, g_ent, valid, inv_temp, HAS_GENT)
+            db += tl.sum(dz, axis=0)
+            accumulate_rows(dw_ptr, offs_v, V, D, D, 1, tl.trans(dz).to(h_ptr.dtype.element_ty), h_ptr, offs_n, N,
+                            stride_hn, stride_hd, BLOCK_D, PRECISION)
     if HAS_BIAS:
         tl.store(db_ptr + offs_v, db, mask=offs_v < V)
 
@@ -182,7 +183,7 @@ def logprobs_forward(hidden, weight, bias, targets, *, temperature=1.0, ignore_i
     """
     n, v, d = _check(hidden, weight, bias, targets)
     inv_temp, ignore_index = _scalar_args(temperature, ignore_index)
-    cfg = config or default_config("single", hidden.dtype)
+    cfg = config or default_config("logprobs_fwd", hidden.dtype)
     logp, lse, entropy = (torch.empty(n, device=hidden.device, dtype=torch.float32) for _ in range(3))
     if n == 0:
         return logp, lse, entropy
@@ -210,7 +211,7 @@ def logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, grad_entrop
         check_vector(name, x, n, torch.float32)
     check_vector("grad_logp", grad_logp, n)
     check_vector("grad_entropy", grad_entropy, n)
-    cfg = config or default_config("single", hidden.dtype)
+    cfg = config or default_config("logprobs_bwd", hidden.dtype)
     dev = hidden.device
     grad_hidden = torch.zeros((n, d), device=dev, dtype=torch.float32)
     grad_weight = torch.zeros((v, d), device=dev, dtype=torch.float32)
