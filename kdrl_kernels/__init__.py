@@ -5,6 +5,7 @@ per-token objectives in :mod:`kdrl_kernels.objectives`. ``kdrl_kernels.reference
 """
 from . import objectives, reference
 from .api import fused_linear_kl, fused_linear_logprobs
+from .loss import KDRLConfig, KDRLLoss
 
-__all__ = ["fused_linear_logprobs", "fused_linear_kl", "objectives", "reference"]
+__all__ = ["fused_linear_logprobs", "fused_linear_kl", "KDRLLoss", "KDRLConfig", "objectives", "reference"]
 __version__ = "0.1.0"
