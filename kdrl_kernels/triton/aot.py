@@ -7,8 +7,8 @@ Each kernel is compiled with the launch configuration the launchers use (``_comm
 inputs. The cubin is inspected with the ``cuobjdump`` shipped in the Triton wheel: registers and stack bytes from
 ``--dump-resource-usage``; spills as LDL/STL (local-memory) instructions in the SASS; tensor-core use as HMMA
 (sm_80 and sm_90) and HGMMA (sm_90 warpgroup MMA) instructions. Shared memory is Triton's dynamic allocation
-(``metadata.shared``). If cuobjdump cannot run, the PTX is inspected instead (``mma``/``wgmma`` instructions,
-``.local`` declarations) and the ``source`` column says so.
+(``metadata.shared``). If cuobjdump cannot run, the PTX is inspected instead (``mma.sync``/``wgmma`` instructions
+only: registers and spills are then unknown) and the ``source`` field says so.
 """
 from __future__ import annotations
 
@@ -104,9 +104,9 @@ def inspect_binary(compiled) -> dict:
             count = lambda op: len(re.findall(rf"\b{op}[.\s]", sass.stdout))  # noqa: E731
             return dict(source="sass", registers=int(match.group(1)), stack_bytes=int(match.group(2)),
                         spill_instructions=count("LDL") + count("STL"), hmma=count("HMMA"), hgmma=count("HGMMA"))
+    # Registers and spills are decided by ptxas, after PTX: unknown here.
     ptx = compiled.asm["ptx"]
-    local = sum(int(n) for n in re.findall(r"\.local\s+\.align\s+\d+\s+\.b8\s+\w+\[(\d+)\]", ptx))
-    return dict(source="ptx", registers=None, stack_bytes=local, spill_instructions=None,
+    return dict(source="ptx", registers=None, stack_bytes=None, spill_instructions=None,
                 hmma=len(re.findall(r"\bmma\.sync", ptx)), hgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)))
 
 
@@ -149,7 +149,7 @@ def format_table(rows: list[dict]) -> str:
                 f"{r['BLOCK_N']},{r['BLOCK_V']},{r['BLOCK_D']}", f"{r['num_warps']}/{r['num_stages']}",
                 r["registers"], r["stack_bytes"], r["spill_instructions"], r["shared_bytes"], r["hmma"], r["hgmma"],
                 "yes" if r["tensor_cores"] else "no"]
-        lines.append("| " + " | ".join(str(v) for v in vals) + " |")
+        lines.append("| " + " | ".join("n/a" if v is None else str(v) for v in vals) + " |")
     sources = sorted({r["source"] for r in rows})
     lines.append(f"\nInspected: {', '.join(sources)} ('sass' = cuobjdump from the triton wheel; 'ptx' = fallback).")
     return "\n".join(lines)

@@ -179,6 +179,7 @@ def logprobs_forward(hidden, weight, bias, targets, *, temperature=1.0, ignore_i
 
     hidden ``(N, d)``, weight ``(V, d)`` (same float dtype), bias ``(V,)`` or None, targets ``(N,)`` int64.
     Returns ``(logp, lse, entropy)``, each ``(N,)`` float32, 0 on rows whose target is ``ignore_index``.
+    Target values are not range-checked here (that would synchronise with the GPU); the public op checks them.
     ``config`` overrides the tile sizes (tests use small tiles to exercise every loop).
     """
     n, v, d = _check(hidden, weight, bias, targets)
