@@ -36,6 +36,8 @@ KL_CASES = {
     "jsd_bf16_nobias_nomask": dict(kind="jsd", beta=0.5, dtype="bf16", bias=False, mask=False, temperature=1.0),
     "reverse_bf16_close_teacher": dict(kind="reverse", dtype="bf16", bias=False, mask=True, temperature=1.0,
                                        close=True),
+    "reverse_bf16_student_fp32_teacher": dict(kind="reverse", dtype="bf16", t_dtype="fp32", bias=True, mask=True,
+                                              temperature=0.7),
     "jsd_fp32_default_config": dict(kind="jsd", beta=0.7, dtype="fp32", bias=True, mask=True, temperature=0.7,
                                     default_config=True),
 }
@@ -120,7 +122,8 @@ def run_kl(torch, name, spec):
         t_h, t_b = s_h, s_b
         t_w = (s_w.float() + 0.02 * torch.randn(s_w.shape, generator=gen) * s_w.float().std()).to(dtype)
     else:
-        t_h, t_w, t_b = _inputs(torch, gen, dtype, N, D_T, spec["bias"])
+        t_dtype = torch.float32 if spec.get("t_dtype") == "fp32" else dtype
+        t_h, t_w, t_b = _inputs(torch, gen, t_dtype, N, D_T, spec["bias"])
     mask = (torch.rand(N, generator=gen) > 0.25) if spec["mask"] else None
     if mask is not None:
         mask[:spec.get("prompt_rows", 0)] = False
@@ -133,7 +136,7 @@ def run_kl(torch, name, spec):
     refs = {}
     for label, ref_dtype in (("gt", torch.float64), ("low", None)):
         leaves = [_leaf(x, ref_dtype or dtype) for x in (s_h, s_w, s_b)]
-        t_args = [None if x is None else x.to(ref_dtype or dtype) for x in (t_h, t_w, t_b)]
+        t_args = [None if x is None else x.to(ref_dtype or x.dtype) for x in (t_h, t_w, t_b)]
         r = reference_kl(leaves[0], leaves[1], t_args[0], t_args[1], mask=mask, s_bias=leaves[2],
                          t_bias=t_args[2], dtype=ref_dtype, **kw)
         (r * g.to(r.dtype)).sum().backward()
