@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -20,6 +19,7 @@ def _patch_interpreter_bf16_dot() -> None:
     multiplies those bits in ``tl.dot`` (results around 1e10). Widen bf16 operands to fp32 first: exact, and the
     same as a tensor core, which forms bf16 products exactly and accumulates them in fp32. Harmless if a later
     Triton handles bf16 itself (the original then simply receives fp32 operands)."""
+    import numpy as np  # the interpreter needs numpy anyway; GPU use does not
     from triton.runtime import interpreter
 
     builder = type(interpreter.interpreter_builder)
