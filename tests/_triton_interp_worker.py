@@ -41,7 +41,9 @@ KL_CASES = {
     "jsd_fp32_default_config": dict(kind="jsd", beta=0.7, dtype="fp32", bias=True, mask=True, temperature=0.7,
                                     default_config=True),
 }
-API_CASES = {"logprobs_entropy_3d": dict(op="logprobs"), "kl_jsd_3d": dict(op="kl")}
+API_CASES = {"logprobs_entropy_3d": dict(op="logprobs"), "kl_jsd_3d": dict(op="kl"),
+             "kdrl_loss_exact": dict(op="loss", objective="kdrl", estimator="exact"),
+             "trrd_loss_k2": dict(op="loss", objective="trrd", estimator="k2")}
 N, D, D_T, V = 37, 40, 24, 203  # odd sizes: no dimension is a multiple of any block size
 # tol = ATOL * max|gt| + RTOL * |gt| per element; bf16 outputs are rounded once (2**-9 relative) at the end.
 TOLS = {"fp32": (1e-5, 1e-5), "bf16": (4e-3, 8e-3)}
@@ -171,6 +173,8 @@ def run_api(torch, name, spec):
                                                 backend=backend)
             (logp.sum() + 0.3 * ent.sum()).backward()
             vals = [logp, ent]
+        elif spec["op"] == "loss":
+            vals = [_loss_step(torch, K, hh, ww, spec, backend)]
         else:
             t_h = torch.randn(3, 11, D_T, generator=torch.Generator().manual_seed(2))
             t_w = torch.randn(V + 5, D_T, generator=torch.Generator().manual_seed(3)) / D_T ** 0.5 * 2.0
@@ -182,6 +186,22 @@ def run_api(torch, name, spec):
         outs[backend] = [v.detach() for v in vals] + [hh.grad, ww.grad]
     diffs = [float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(*outs.values())]
     return dict(max_rel_diff=max(diffs))
+
+
+def _loss_step(torch, K, hh, ww, spec, backend):
+    """KDRLLoss on one backend: Triton composes the fused ops, torch runs its single gradient-in-forward pass."""
+    gen = torch.Generator().manual_seed(7)
+    targets = torch.randint(0, V, (3, 11), generator=gen)
+    mask = torch.rand(3, 11, generator=gen) > 0.3
+    t_h, t_w = torch.randn(3, 11, D_T, generator=gen), torch.randn(V, D_T, generator=gen) / D_T ** 0.5 * 2.0
+    old = torch.randn(3, 11, generator=gen) * 0.1 - 5.0
+    cfg = K.KDRLConfig(objective=spec["objective"], kl_estimator=spec["estimator"], beta=0.3, backend=backend,
+                       log_exact_kl=True, temperature=0.8)
+    loss, metrics = K.KDRLLoss(cfg)(hh, ww, targets, mask, rewards=torch.tensor([1.0, 0.0, 1.0]),
+                                    group_ids=torch.tensor([0, 0, 0]), old_logprobs=old, teacher_hidden=t_h,
+                                    teacher_weight=t_w)
+    loss.backward()
+    return torch.tensor([loss.item(), metrics["exact_kl"], metrics["entropy"], metrics["clip_frac"]])
 
 
 def main():
