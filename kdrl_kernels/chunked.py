@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["logprobs_forward", "logprobs_backward", "kl_forward", "kl_backward", "default_chunk_size",
-           "Workspace", "chunk_logits", "log_softmax_", "rowdot"]
+           "Workspace", "chunk_logits", "log_softmax_", "normalise_", "rowdot"]
 
 # Budget for all chunk-sized fp32 buffers of one call. With 2 buffers and a 152k vocabulary that is ~260 rows,
 # deep enough that the dW update (a V x d read-modify-write per chunk) stays compute-bound.
@@ -61,19 +61,20 @@ def chunk_logits(h, w32, b32, temperature, out=None):
     return logits
 
 
-def log_softmax_(z, p_out):
-    """Normalise fp32 logits ``z`` ``(c, V)`` into log-probs IN PLACE and write the probabilities to ``p_out``.
+def log_softmax_(z):
+    """Normalise fp32 logits ``z`` ``(c, V)`` into log-probs IN PLACE with torch's fused kernel (3 passes).
 
-    Returns the logsumexp ``(c,)``. No temporary of size ``(c, V)`` is created.
+    The logsumexp is then ``z_before[:, j] - z_after[:, j]`` for any column ``j``; callers read it off the target.
     """
-    row_max = z.amax(dim=1, keepdim=True)
-    z -= row_max
-    torch.exp(z, out=p_out)
-    total = p_out.sum(dim=1, keepdim=True)
-    p_out /= total
-    log_total = total.log_()
-    z -= log_total
-    return (row_max + log_total).squeeze(1)
+    return torch._log_softmax(z, 1, False, out=z)
+
+
+def normalise_(z, cols):
+    """In-place log-softmax of ``z`` ``(c, V)``; returns ``(lse, logp[cols])`` with ``cols`` ``(c,)`` int64."""
+    before = z.gather(1, cols[:, None]).squeeze(1)
+    log_softmax_(z)
+    after = z.gather(1, cols[:, None]).squeeze(1)
+    return before - after, after
 
 
 def rowdot(a, b, slab=8192):
@@ -107,19 +108,21 @@ def logprobs_forward(hidden, weight, bias, targets, *, temperature=1.0, ignore_i
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
         logp = chunk_logits(hidden[idx], w32, b32, temperature, out=ws.take("z", idx.numel()))
-        p = ws.take("p", idx.numel())
-        out[1, idx] = log_softmax_(logp, p)
-        out[0, idx] = logp.gather(1, targets[idx][:, None]).squeeze(1)
+        out[1, idx], out[0, idx] = normalise_(logp, targets[idx])
         if need_entropy:
-            out[2, idx] = -rowdot(p, logp)
+            out[2, idx] = -rowdot(torch.exp(logp, out=ws.take("p", idx.numel())), logp)
     return out[0], out[1], out[2]
 
 
 def grad_buffers(hidden, weight, bias, needs):
-    """Zeroed gradient outputs: hidden's in its dtype, weight's and bias's as fp32 accumulators (None if unneeded)."""
+    """Gradient outputs: hidden's in its dtype, weight's and bias's as fp32 accumulators (None if unneeded).
+
+    All zeroed except the weight's (V x d), which the first chunk overwrites instead: a fill of that size is a
+    pass as long as a dW update. :func:`finish_grads` zeroes it if no chunk ran.
+    """
     need_h, need_w, need_b = needs
     grad_hidden = torch.zeros_like(hidden) if need_h else None
-    grad_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_weight32 = _Accumulator(weight.shape, weight.device) if need_w else None
     grad_bias32 = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
                    if need_b and bias is not None else None)
     return grad_hidden, grad_weight32, grad_bias32
@@ -130,13 +133,31 @@ def accumulate_grads(dz, h, w32, idx, grad_hidden, grad_weight32, grad_bias32):
     if grad_hidden is not None:
         grad_hidden[idx] = (dz @ w32).to(grad_hidden.dtype)
     if grad_weight32 is not None:
-        grad_weight32.addmm_(dz.T, h.float())
+        grad_weight32.add_product(dz.T, h.float())
     if grad_bias32 is not None:
         grad_bias32 += dz.sum(0)
 
 
+class _Accumulator:
+    """An fp32 matrix summing ``a @ b`` products; the first product is written with ``out=`` (no zero fill)."""
+
+    def __init__(self, shape, device):
+        self.value = torch.empty(shape, dtype=torch.float32, device=device)
+        self.started = False
+
+    def add_product(self, a, b):
+        if self.started:
+            self.value.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=self.value)
+            self.started = True
+
+    def result(self):
+        return self.value if self.started else self.value.zero_()
+
+
 def finish_grads(weight, bias, grad_hidden, grad_weight32, grad_bias32):
-    grad_weight = grad_weight32.to(weight.dtype) if grad_weight32 is not None else None
+    grad_weight = grad_weight32.result().to(weight.dtype) if grad_weight32 is not None else None
     grad_bias = grad_bias32.to(bias.dtype) if grad_bias32 is not None else None
     return grad_hidden, grad_weight, grad_bias
 
@@ -156,16 +177,15 @@ def logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, grad_entrop
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
         h = hidden[idx]
-        logp = chunk_logits(h, w32, b32, temperature, out=ws.take("z", idx.numel()))
-        p = ws.take("p", idx.numel())
-        log_softmax_(logp, p)
+        logp = log_softmax_(chunk_logits(h, w32, b32, temperature, out=ws.take("z", idx.numel())))
         g = grad_logp[idx].float()[:, None]
         if grad_entropy is not None:
             # dH/dz = -p * (log p + H), with H from the forward pass; built in the log-prob buffer.
+            p = torch.exp(logp, out=ws.take("p", idx.numel()))
             ent_term = logp.add_(entropy[idx][:, None]).mul_(p).mul_(-grad_entropy[idx].float()[:, None])
             dz = p.mul_(-g).add_(ent_term)
         else:
-            dz = p.mul_(-g)
+            dz = logp.exp_().mul_(-g)  # one buffer: p overwrites log p
         dz.scatter_add_(1, targets[idx][:, None], g)
         if temperature != 1.0:
             dz /= temperature
@@ -203,17 +223,19 @@ def divergence_(logp, logq, p, q, kind, beta, need_grad):
 def _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size):
     rows = (mask.nonzero().squeeze(1) if mask is not None
             else torch.arange(s_hidden.shape[0], device=s_hidden.device))
-    chunk = chunk_size or default_chunk_size(s_weight.shape[0], max(rows.numel(), 1), n_buffers=4)
+    chunk = chunk_size or default_chunk_size(s_weight.shape[0], max(rows.numel(), 1), n_buffers=4)  # zs zt p q
     return rows, chunk, Workspace(chunk, s_weight.shape[0], s_hidden.device)
 
 
 def _kl_chunk(ws, idx, s_hidden, sw, sb, t_hidden, tw, tb, temperature, kind, beta, need_grad):
     n = idx.numel()
+    first = torch.zeros(n, dtype=torch.long, device=idx.device)  # any column recovers the logsumexp
     logp = chunk_logits(s_hidden[idx], sw, sb, temperature, out=ws.take("zs", n))
     logq = chunk_logits(t_hidden[idx], tw, tb, temperature, out=ws.take("zt", n))
-    p, q = ws.take("p", n), ws.take("q", n)
-    s_lse = log_softmax_(logp, p)
-    t_lse = log_softmax_(logq, q)
+    s_lse, _ = normalise_(logp, first)
+    t_lse, _ = normalise_(logq, first)
+    p = torch.exp(logp, out=ws.take("p", n))
+    q = torch.exp(logq, out=ws.take("q", n)) if kind != "reverse" else None
     kl, grad = divergence_(logp, logq, p, q, kind, beta, need_grad)
     return kl, s_lse, t_lse, grad
 

@@ -47,13 +47,13 @@ def _teacher_chunk(ws, teacher, tw32, tb32, idx, targets, temperature, keep_logq
     """Teacher log-prob of the targets for one chunk; with ``keep_logq`` also the teacher's ``(c, V)`` log-probs.
 
     Without ``keep_logq`` the teacher's logits go through the student's buffer "z", which the student then
-    overwrites: a k1/k2/k3 step needs two vocabulary-sized buffers in all, the exact KL three.
+    overwrites: a k1/k2/k3 step needs one vocabulary-sized buffer in all (two with the entropy), the exact KL three.
     """
     if teacher.hidden is None:
         return teacher.logprobs[idx].float(), None
     n = idx.numel()
-    logq = chunk_logits(teacher.hidden[idx], tw32, tb32, temperature, out=ws.take("zt" if keep_logq else "z", n))
-    log_softmax_(logq, ws.take("p", n))
+    logq = log_softmax_(chunk_logits(teacher.hidden[idx], tw32, tb32, temperature,
+                                     out=ws.take("zt" if keep_logq else "z", n)))
     t = logq.gather(1, targets[:, None]).squeeze(1)
     if teacher.logprobs is not None:  # precomputed log-probs win for t; the full row still serves the exact KL
         t = teacher.logprobs[idx].float()
@@ -90,7 +90,7 @@ class FusedPolicyLoss(torch.autograd.Function):
         w32, b32 = as_fp32(weight), as_fp32(bias)
         tw32, tb32 = as_fp32(teacher.weight), as_fp32(teacher.bias)
         has_teacher = teacher.hidden is not None or teacher.logprobs is not None
-        n_buffers = 3 if params.need_exact_kl else 2
+        n_buffers = 3 if params.need_exact_kl else (2 if params.need_entropy else 1)
         chunk = params.chunk_size or default_chunk_size(weight.shape[0], max(n, 1), n_buffers)
         ws = Workspace(chunk, weight.shape[0], hidden.device)
         for start in range(0, n, chunk):
@@ -99,10 +99,11 @@ class FusedPolicyLoss(torch.autograd.Function):
             t, logq = (_teacher_chunk(ws, teacher, tw32, tb32, idx, tgt, params.temperature, params.need_exact_kl)
                        if has_teacher else (None, None))
             h = hidden[idx]
-            logp = chunk_logits(h, w32, b32, params.temperature, out=ws.take("z", idx.numel()))
-            p = ws.take("p", idx.numel())
-            log_softmax_(logp, p)
+            logp = log_softmax_(chunk_logits(h, w32, b32, params.temperature, out=ws.take("z", idx.numel())))
             s = logp.gather(1, tgt[:, None]).squeeze(1)
+            # p needs its own buffer only when log p is still needed (exact KL, entropy); else it overwrites log p.
+            keep_logp = params.need_exact_kl or params.need_entropy
+            p = torch.exp(logp, out=ws.take("p", idx.numel())) if keep_logp else logp.exp_()
             kl = None
             if params.need_exact_kl:
                 diff = logq.neg_().add_(logp)  # log p - log q, in the teacher's buffer
@@ -116,7 +117,7 @@ class FusedPolicyLoss(torch.autograd.Function):
             if t is not None:
                 stats[1, idx] = t
             # dL/dz = g_s * (onehot - p) [+ g_kl * p * (log p - log q - KL)], all over the temperature.
-            dz = torch.mul(p, -g_s[:, None], out=logp)
+            dz = torch.mul(p, -g_s[:, None], out=logp) if keep_logp else p.mul_(-g_s[:, None])
             if g_kl is not None:
                 dz += diff.sub_(kl[:, None]).mul_(p).mul_(g_kl[:, None])
             dz.scatter_add_(1, tgt[:, None], g_s[:, None])
@@ -132,5 +133,7 @@ class FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if bool(grad_loss == 1):  # the usual loss.backward(): skip a full pass over the (V, d) gradient
+            return grad_hidden, grad_weight, grad_bias, None, None, None
         scale = (lambda g: None if g is None else g * grad_loss.to(g.dtype))
         return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None
