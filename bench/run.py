@@ -91,7 +91,7 @@ def plan(args):
     repeats = pre.repeats if args.repeats is None else args.repeats
     if repeats < 1 or warmup < 0:
         raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
-    return name, cases, warmup, repeats, dict(pre.skip)
+    return name, cases, warmup, repeats, pre
 
 
 def _preflight(provs, inp, case, progress):
@@ -112,10 +112,9 @@ def run_case(case, provs, args, ctx, progress):
     ready, notes = [], {}
     for p in provs:
         reason = p.unavailable(case)
-        min_vocab = ctx["skip"].get(p.name)
-        if reason is None and min_vocab is not None and case.vocab >= min_vocab:
-            reason = (f"left out of preset {ctx['preset']}{f' at V >= {min_vocab}' if min_vocab else ''} "
-                      "(too slow for its time budget; --full or --providers runs it)")
+        if reason is None and ctx["preset_obj"] is not None and ctx["preset_obj"].skipped(p.name, case):
+            reason = (f"left out of preset {ctx['preset']} here to keep its time budget "
+                      "(--full, or naming it in --providers, runs it)")
         if reason is None:
             ready.append(p)
         elif case.workload in p.workloads:      # "does not implement" is not news; missing pieces are
@@ -165,7 +164,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    preset_name, cases, warmup, repeats, skip = plan(args)
+    preset_name, cases, warmup, repeats, pre = plan(args)
     provs = providers.select(args.providers, liger_compiled=not args.liger_eager)
     run_id = args.resume or results.new_run_id()
     previous = results.load(args.out, run_id) if args.resume else []
@@ -173,7 +172,7 @@ def main(argv=None):
     meta = results.metadata(torch.get_num_threads(), args.device)
     rss_ok = args.device == "cpu" and memory.rss_supported()
     ctx = dict(meta=meta, run_id=run_id, preset=preset_name, warmup=warmup, repeats=repeats, rss_ok=rss_ok,
-               skip={} if args.providers else skip,
+               preset_obj=None if args.providers else pre,
                mem_method=memory.METHOD_CUDA if args.device == "cuda" else
                memory.METHOD_CPU if rss_ok else "not measured (no /proc/self/clear_refs)")
     print(f"kdrl-kernels bench | preset {preset_name} | run {run_id} | {meta['machine']} | {meta['cpu']} | "
@@ -194,7 +193,7 @@ def main(argv=None):
     targets = report.check_targets(records)
     print(report.targets_text(targets))
     want_gpu = args.gpu_report == "yes" or (args.gpu_report == "auto" and preset_name in ("default", "full"))
-    gpu_rows, gpu_reason = gpu_report.collect() if want_gpu else ([], "skipped (--gpu-report yes to run it)")
+    gpu_rows, gpu_reason = gpu_report.collect(cache_dir=args.out) if want_gpu else ([], "skipped (--gpu-report yes to run it)")
     print(gpu_report.text(gpu_rows, gpu_reason))
     plot_paths = [] if args.no_plots else report.plots(records, args.out)
     elapsed = time.perf_counter() - start

@@ -157,3 +157,14 @@ def test_cli_smoke_last_line_is_json(tmp_path):
     assert "naive" in proc.stdout and "median ms" in proc.stdout
     assert len(results.load(tmp_path, doc["run_id"])) == 2
     assert (tmp_path / "plots" / "grpo_float32_cpu.png").exists()
+
+
+def test_preset_skips_are_explicit():
+    quick, default = workloads.preset("quick"), workloads.preset("default")
+    target = next(c for c in default.cases if c.vocab == 151936)
+    small_grpo = next(c for c in default.cases if c.workload == "grpo")
+    assert default.skipped("torch-lce", target) and not default.skipped("torch-lce", small_grpo)
+    assert not default.skipped("ours-kdrlloss", target) and not default.skipped("liger-grpo", target)
+    assert quick.skipped("torch-lce", quick.cases[0]) and not quick.skipped("naive", quick.cases[0])
+    assert not any(workloads.preset("full").skipped(p, c) for p in ("torch-lce", "ours-chunked")
+                   for c in workloads.preset("full").cases)
