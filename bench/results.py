@@ -106,8 +106,10 @@ def load(out_dir, run_id=None):
     return [r for r in recs if run_id is None or r.get("run_id") == run_id]
 
 
-def case_record(case, provider, timing, mem, meta, run_id, preset, useful_flops, executed_flops, mem_method):
-    """One result row. ``timing``: ``timing.summarize`` dict (or None); ``mem``: (incl, excl) bytes or None."""
+def case_record(case, provider, timing, mem, meta, run_id, preset, useful_flops, executed_flops, mem_method,
+                loss=None):
+    """One result row. ``timing``: ``timing.summarize`` dict plus "loss" (None: not timed, then ``loss`` is the
+    loss of its single step); ``mem``: (incl, excl) bytes or None."""
     rec = dict(case.as_dict(), run_id=run_id, preset=preset, provider=provider.name, speed_ok=provider.speed_ok,
                flop_model=provider.flop_model_for(case),
                timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), mem_method=mem_method,
@@ -117,6 +119,8 @@ def case_record(case, provider, timing, mem, meta, run_id, preset, useful_flops,
         rec.update(repeats=timing["n"], time_median_s=med, time_p20_s=timing["p20"], time_p80_s=timing["p80"],
                    tokens_per_s=case.n_tokens / med, gflops_useful=useful_flops / med / 1e9,
                    gflops_executed=executed_flops / med / 1e9, loss=timing.get("loss"))
+    elif loss is not None:
+        rec.update(loss=loss)
     if mem:
         rec.update(extra_peak_mb=mem[0] / 2**20, extra_peak_excl_grads_mb=mem[1] / 2**20)
     return rec

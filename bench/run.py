@@ -96,15 +96,15 @@ def plan(args):
 
 def _preflight(provs, inp, case, progress):
     """Run each provider once (this is the first warm-up round); drop and report those that fail."""
-    ok, notes = [], {}
+    ok, notes, losses = [], {}, {}
     for p in provs:
         progress(f"{p.name} first step")
         try:
-            timing.time_step(p, inp, case)
+            losses[p.name] = timing.time_step(p, inp, case)[1]
             ok.append(p)
         except Exception as err:  # one broken provider must not sink the others' results
             notes[p.name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-    return ok, notes
+    return ok, notes, losses
 
 
 def run_case(case, provs, args, ctx, progress):
@@ -120,9 +120,10 @@ def run_case(case, provs, args, ctx, progress):
         elif case.workload in p.workloads:      # "does not implement" is not news; missing pieces are
             notes[p.name] = f"skipped: {reason}"
     inp = workloads.make_inputs(case)
-    ready, failed = _preflight(ready, inp, case, progress)
+    ready, failed, first_losses = _preflight(ready, inp, case, progress)
     notes.update(failed)
-    raw = timing.run_interleaved(ready, inp, case, max(ctx["warmup"] - 1, 0), ctx["repeats"], progress)
+    timed = [p for p in ready if p.speed_ok]      # interpreter runs: one step for the loss, never timed
+    raw = timing.run_interleaved(timed, inp, case, max(ctx["warmup"] - 1, 0), ctx["repeats"], progress)
     mems = {}
     if not args.no_memory:
         for p in ready:
@@ -141,17 +142,16 @@ def run_case(case, provs, args, ctx, progress):
                 notes[p.name] = f"memory probe failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     recs = []
     for p in ready:
-        summ = timing.summarize(raw[p.name]["times"])
-        summ["loss"] = raw[p.name]["loss"]
+        summ = dict(timing.summarize(raw[p.name]["times"]), loss=raw[p.name]["loss"]) if p.speed_ok else None
         rec = results.case_record(case, p, summ, mems.get(p.name), ctx["meta"], ctx["run_id"], ctx["preset"],
                                   workloads.flops(case, "min"), workloads.flops(case, p.flop_model_for(case)),
-                                  ctx["mem_method"])
+                                  ctx["mem_method"], loss=first_losses[p.name])
+        untimed = f"interpreter: one untimed step, loss {first_losses[p.name]:.6g}"
+        rec["note"] = notes.pop(p.name, None) or (None if p.speed_ok else untimed)
         recs.append(rec)
     for name, note in notes.items():
         recs.append(dict(case.as_dict(), provider=name, note=note, run_id=ctx["run_id"], preset=ctx["preset"],
                          speed_ok=False, **ctx["meta"]))
-    for r in recs:
-        r.setdefault("note", notes.get(r["provider"]))
     del inp
     gc.collect()
     return results.add_ratios(recs)

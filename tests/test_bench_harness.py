@@ -168,3 +168,25 @@ def test_preset_skips_are_explicit():
     assert quick.skipped("torch-lce", quick.cases[0]) and not quick.skipped("naive", quick.cases[0])
     assert not any(workloads.preset("full").skipped(p, c) for p in ("torch-lce", "ours-chunked")
                    for c in workloads.preset("full").cases)
+
+
+@pytest.mark.triton
+def test_cli_interpreter_provider_is_labelled_and_untimed(tmp_path):
+    """`--smoke --interpret` runs our Triton kernels in Triton's interpreter: a loss, never a speed."""
+    pytest.importorskip("triton")
+    cmd = [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--interpret", "--workloads", "grpo",
+           "--tokens", "128", "--providers", "naive", "ours-triton", "--no-memory", "--no-plots",
+           "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    provs = {r["provider"]: r for r in doc["results"]}
+    interp = provs["ours-triton-interp"]
+    assert interp["speed_ok"] is False and interp["time_median_s"] is None and interp["time_vs_naive"] is None
+    assert interp["loss"] == pytest.approx(provs["naive"]["loss"], rel=1e-4, abs=1e-5)
+
+
+def test_cli_rejects_interpret_without_smoke():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--interpret"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "--smoke" in proc.stderr
