@@ -157,6 +157,14 @@ def test_cli_smoke_last_line_is_json(tmp_path):
     assert "naive" in proc.stdout and "median ms" in proc.stdout
     assert len(results.load(tmp_path, doc["run_id"])) == 2
     assert (tmp_path / "plots" / "grpo_float32_cpu.png").exists()
+    # An interrupted run resumes: recorded cases are kept, only the missing one runs.
+    resume = cmd[:4] + ["grpo", "rkl", "--providers", "naive", "--no-memory", "--no-plots", "--out", str(tmp_path),
+                        "--resume", doc["run_id"]]
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert again["run_id"] == doc["run_id"] and proc.stderr.count("first step") == 1
+    assert sorted(r["workload"] for r in again["results"]) == ["grpo", "grpo", "rkl"]
 
 
 def test_preset_skips_are_explicit():
