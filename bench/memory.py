@@ -9,7 +9,8 @@ We report it both including and excluding those gradient bytes; the targets use 
 - CPU: a fresh subprocess per (case, provider), so allocations of different providers never mix. For providers
   whose first step compiles (Liger with torch.compile) it runs one warm-up step first and drops its gradients
   (others skip it: their first step allocates what every step does, and a step at the target size costs seconds).
-  Then it resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` <- "5"), reads VmRSS, runs the measured step and reads VmHWM.
+  Then it resets the kernel's peak-RSS counter (``/proc/self/clear_refs`` <- "5"), reads VmRSS, runs the
+  measured step and reads VmHWM.
   glibc is told to serve every allocation above 64 KiB with mmap (``MALLOC_MMAP_THRESHOLD_``), so freed buffers go
   back to the OS at once and a later buffer cannot hide in memory the allocator kept from the warm-up.
 - CUDA: in process, ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus ``memory_allocated`` before.

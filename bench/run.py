@@ -193,7 +193,9 @@ def main(argv=None):
     targets = report.check_targets(records)
     print(report.targets_text(targets))
     want_gpu = args.gpu_report == "yes" or (args.gpu_report == "auto" and preset_name in ("default", "full"))
-    gpu_rows, gpu_reason = gpu_report.collect(cache_dir=args.out) if want_gpu else ([], "skipped (--gpu-report yes to run it)")
+    gpu_rows, gpu_reason = ([], "skipped (--gpu-report yes to run it)")
+    if want_gpu:
+        gpu_rows, gpu_reason = gpu_report.collect(cache_dir=args.out)
     print(gpu_report.text(gpu_rows, gpu_reason))
     plot_paths = [] if args.no_plots else report.plots(records, args.out)
     elapsed = time.perf_counter() - start

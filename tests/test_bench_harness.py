@@ -82,8 +82,8 @@ def test_inputs_shapes_and_grad_bytes():
 
 
 def _record(provider, t, mem, run="r1", n=2048, vocab=151936, workload="kdrl"):
-    return {"run_id": run, "workload": workload, "model": "m", "d": 8, "d_t": 8, "vocab": vocab, "n_tokens": n, "dtype": "bfloat16",
-            "device": "cpu", "provider": provider, "time_median_s": t, "extra_peak_mb": mem, "speed_ok": True}
+    return {"run_id": run, "workload": workload, "model": "m", "d": 8, "d_t": 8, "vocab": vocab, "n_tokens": n,
+            "dtype": "bfloat16", "device": "cpu", "provider": provider, "time_median_s": t, "extra_peak_mb": mem, "speed_ok": True}
 
 
 def test_ratios_and_targets():

@@ -61,8 +61,8 @@ def test_naive_matches_float64_reference(workload):
 
 
 PEERS = [("kdrl", "ours-chunked"), ("grpo", "ours-chunked"), ("rkl", "ours-chunked"), ("kdrl", "ours-kdrlloss"),
-         ("grpo", "ours-kdrlloss"), ("rkl", "ours-kdrlloss"), ("grpo", "liger-grpo"), ("rkl", "liger-jsd"), ("kdrl", "torch-lce"),
-         ("grpo", "torch-lce")]
+         ("grpo", "ours-kdrlloss"), ("rkl", "ours-kdrlloss"), ("grpo", "liger-grpo"), ("rkl", "liger-jsd"),
+         ("kdrl", "torch-lce"), ("grpo", "torch-lce")]
 
 
 @pytest.mark.parametrize("workload,name", PEERS)
