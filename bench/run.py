@@ -45,7 +45,8 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--workloads", nargs="+", choices=workloads.WORKLOADS, help="keep only these workloads")
     ap.add_argument("--providers", nargs="+", help="keep only these providers (e.g. naive ours-kdrlloss)")
-    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], help="keep only these dtypes")
+    ap.add_argument("--models", nargs="+", choices=sorted(workloads.MODELS), help="keep only these model pairs")
+    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], help="replace the preset's dtypes")
     ap.add_argument("--tokens", nargs="+", type=int, help="replace the preset's token counts")
     ap.add_argument("--warmup", type=int, help="untimed rounds (default: the preset's)")
     ap.add_argument("--repeats", type=int, help="timed rounds (default: the preset's)")
@@ -71,22 +72,19 @@ def plan(args):
     """The preset's cases with the command-line filters applied."""
     name = "quick" if args.quick else "full" if args.full else "smoke" if args.smoke else "default"
     pre = workloads.preset(name, args.device)
-    cases = list(pre.cases)
-    if args.tokens:
-        # Same cases at other token counts (shapes kept, so smoke's tiny d/V stay tiny).
-        swept = {}
-        for c in cases:
-            for n in args.tokens:
+    cases = [c for c in pre.cases if (not args.workloads or c.workload in args.workloads)
+             and (not args.models or c.model in args.models)]
+    # --tokens / --dtypes replace the preset's values (other shape fields kept, so smoke's tiny d/V stay tiny).
+    variants = {}
+    for c in cases:
+        for n in args.tokens or [c.n_tokens]:
+            for dtype in args.dtypes or [c.dtype]:
                 seq = min(n, c.seq_len)
                 if n % seq:
                     raise SystemExit(f"--tokens {n} is not a multiple of the sequence length {seq}")
-                nc = dataclasses.replace(c, n_tokens=n, seq_len=seq)
-                swept[nc.key()] = nc
-        cases = list(swept.values())
-    if args.workloads:
-        cases = [c for c in cases if c.workload in args.workloads]
-    if args.dtypes:
-        cases = [c for c in cases if c.dtype in args.dtypes]
+                nc = dataclasses.replace(c, n_tokens=n, seq_len=seq, dtype=dtype)
+                variants.setdefault(nc.key(), nc)
+    cases = list(variants.values())
     warmup = pre.warmup if args.warmup is None else args.warmup
     repeats = pre.repeats if args.repeats is None else args.repeats
     if repeats < 1 or warmup < 0:
