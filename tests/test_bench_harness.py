@@ -198,3 +198,16 @@ def test_cli_rejects_interpret_without_smoke():
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--interpret"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "--smoke" in proc.stderr
+
+
+def test_cli_filters_and_replacements():
+    from bench import run
+    plan = lambda *argv: run.plan(run.parse_args(list(argv)))[1]  # noqa: E731
+    (fp32,) = plan("--workloads", "kdrl", "--models", "qwen2.5-0.5b/1.5b", "--dtypes", "float32")
+    assert (fp32.vocab, fp32.n_tokens, fp32.dtype) == (151936, 2048, "float32")
+    swept = plan("--quick", "--tokens", "256", "1024", "--dtypes", "float32", "bfloat16")
+    assert sorted((c.n_tokens, c.dtype) for c in swept) == [(256, "bfloat16"), (256, "float32"),
+                                                            (1024, "bfloat16"), (1024, "float32")]
+    assert all(c.d == 64 and c.vocab == 2048 for c in plan("--smoke", "--tokens", "128"))
+    with pytest.raises(SystemExit):
+        plan("--smoke", "--tokens", "300")     # not a multiple of the 256-token sequences
