@@ -49,9 +49,15 @@ def rss_supported() -> bool:
 
 
 def _measure_cpu(provider, inp, case):
+    from bench import workloads
     if provider.needs_warmup:
-        provider.step(inp, case)                 # torch.compile's one-time memory is not the step's
-        inp.zero_grads()
+        # torch.compile's one-time memory is not the step's. The warm-up may run on a cheaper case that compiles
+        # the same graphs (Liger GRPO compiles only the per-token loss math, whose shapes do not involve d or V).
+        warm = provider.warmup_case(case)
+        warm_inp = inp if warm == case else workloads.make_inputs(warm)
+        provider.step(warm_inp, warm)
+        warm_inp.zero_grads()
+        del warm_inp
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                             # VmHWM := VmRSS

@@ -8,6 +8,7 @@ both as useful work (the minimum model, the same for all) and as executed work.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 
@@ -33,6 +34,10 @@ class Provider:
     def flop_model_for(self, case) -> str:
         """The FLOP model this provider executes on ``case`` (a key of ``workloads.FLOP_MODELS``)."""
         return self.flop_model[case.workload]
+
+    def warmup_case(self, case):
+        """The case whose first step does this provider's one-time work for ``case`` (see ``needs_warmup``)."""
+        return case
 
     def unavailable(self, case):
         if case.workload not in self.workloads:
@@ -191,6 +196,11 @@ class LigerGRPO(Provider):
 
     def unavailable(self, case):
         return Provider.unavailable(self, case) or _liger_missing()
+
+    def warmup_case(self, case):
+        # Only the per-token loss math is compiled (the log-prob GEMMs run eagerly), and its tensors are shaped
+        # (sequences per chunk, T) and (B, T): a tiny d and V compile the same graphs at a fraction of the cost.
+        return dataclasses.replace(case, d=16, d_t=16, vocab=256)
 
     def loss(self, inp, case):
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
