@@ -89,8 +89,9 @@ def _olympiad(rows, task):
 
 
 def _math_train(rows, task):
+    # 4 of the 7474 rows (886, 1009, 5328, 5330) have no answer (null or ""): unusable for a reward, skipped.
     return [Problem(f"math_train/{i}", task, r["problem"], r["answer"], {"type": r["type"], "level": r["difficulty"]})
-            for i, r in enumerate(rows)]
+            for i, r in enumerate(rows) if isinstance(r["answer"], str) and r["answer"].strip()]
 
 
 _LOADERS = {
@@ -117,7 +118,5 @@ def load_task(name: str, *, limit: int | None = None) -> list[Problem]:
     if limit is not None and limit < 1:
         raise ValueError(f"load_task: limit must be a positive integer or None, got {limit}")
     filename, loader = _LOADERS[name]
-    rows = read_jsonl(DATA_DIR / filename)
-    if limit is not None:
-        rows = rows[:limit]
-    return loader(rows, name)
+    problems = loader(read_jsonl(DATA_DIR / filename), name)
+    return problems if limit is None else problems[:limit]
