@@ -18,7 +18,7 @@ DATA_DIR = Path(__file__).with_name("data")
 BENCHMARKS = ("gsm8k", "math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench")
 TRAINING_SETS = ("gsm8k_train", "math_train")
 
-__all__ = ["Problem", "load_task", "read_jsonl", "BENCHMARKS", "TRAINING_SETS", "DATA_DIR"]
+__all__ = ["Problem", "load_task", "gold_answer", "read_jsonl", "BENCHMARKS", "TRAINING_SETS", "DATA_DIR"]
 
 
 @dataclass
@@ -105,6 +105,16 @@ _LOADERS = {
     "olympiadbench": ("olympiadbench.jsonl", _olympiad),
     "math_train": ("math_train_deepscaler.jsonl", _math_train),
 }
+
+
+def gold_answer(task: str, row: dict) -> str:
+    """Gold answer of one raw row of `task`'s file, repaired as `load_task` does (for external harnesses)."""
+    if task not in _LOADERS:
+        raise ValueError(f"gold_answer: unknown task {task!r}; expected one of {sorted(_LOADERS)}")
+    problems = _LOADERS[task][1]([row], task)
+    if not problems:
+        raise ValueError(f"gold_answer: the {task} row has no usable answer")
+    return problems[0].answer
 
 
 def load_task(name: str, *, limit: int | None = None) -> list[Problem]:
