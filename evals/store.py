@@ -25,6 +25,7 @@ class RunStore:
     def check_config(self, config: dict) -> None:
         """Write config.json on the first start; on a resume, refuse settings that differ from the stored ones."""
         path = self.dir / "config.json"
+        config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
         if path.exists():
             stored = json.loads(path.read_text())
             diff = {k: (stored.get(k), config.get(k)) for k in set(stored) | set(config) if stored.get(k) != config.get(k)}
