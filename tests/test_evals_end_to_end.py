@@ -78,3 +78,40 @@ def test_run_py_smollm2_registry_model(tmp_path):
     assert results["model"] == "smollm2-135m-instruct"
     assert Path(results["model_path"], "kdrl_converted.json").exists()
     assert results["tasks"]["gsm8k"]["mean_tokens"] > 1
+
+
+def test_hf_generator_contract(tiny_model, tmp_path):
+    """n samples per prompt in prompt order, token budget, finish reasons, stop strings, weight updates."""
+    import torch
+
+    from kdrl.generation import SamplingConfig, make_generator
+
+    gen = make_generator(str(tiny_model), backend="hf", batch_size=3)
+    prompts = ["Question: 1 + 1?\nAnswer:", "Question: a much longer question about apples and pears?\nAnswer:"]
+    out = gen.generate(prompts, SamplingConfig(max_new_tokens=5, temperature=1.0, n=3, seed=1), progress=False)
+    assert [len(o) for o in out] == [3, 3]
+    for comps in out:
+        for c in comps:
+            assert 1 <= len(c.token_ids) <= 5
+            hit_budget = len(c.token_ids) == 5 and c.token_ids[-1] not in gen.eos_ids
+            assert c.finish_reason == ("length" if hit_budget else "stop")
+            assert c.text == gen.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+    greedy = SamplingConfig(max_new_tokens=5)
+    first = gen.generate(prompts, greedy, progress=False)
+    # A stop string cuts the text before it and ends generation with finish_reason "stop".
+    text = first[0][0].text
+    assert text, "the tiny model should produce some text"
+    stopped = gen.generate(prompts[:1], SamplingConfig(max_new_tokens=5, stop=(text[0],)), progress=False)[0][0]
+    assert stopped.text == "" and stopped.finish_reason == "stop"
+    # Weight sync from a saved directory restores the original outputs after the weights were changed.
+    gen.model.save_pretrained(tmp_path / "weights")
+    with torch.no_grad():
+        gen.update_weights({k: torch.randn_like(v) for k, v in gen.model.state_dict().items()})
+    changed = gen.generate(prompts, greedy, progress=False)
+    gen.update_weights(tmp_path / "weights")
+    assert gen.generate(prompts, greedy, progress=False) == first
+    assert changed != first
+    with pytest.raises(ValueError, match="keys not in the model"):
+        gen.update_weights({"not.a.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="temperature"):
+        gen.generate(prompts, SamplingConfig(n=2), progress=False)
