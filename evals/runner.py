@@ -52,8 +52,23 @@ def _records(task: str, problem, prompt: str, completions, missing: list[int]) -
     return out
 
 
-def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore, progress: bool = True) -> dict:
-    """Generate and grade whatever is missing for `task`, then return its metrics plus timing."""
+def _regrade(task: str, store: RunStore, timeout: float, progress: bool) -> int:
+    """Grade every stored sample of `task` again with the current grader; returns how many verdicts changed."""
+    records = store.load(task)
+    verdicts = grade_many([r["response"] for r in records], [r["gold"] for r in records], timeout=timeout,
+                          progress=f"regrade {task}" if progress else False)
+    changed = 0
+    for r, ok in zip(records, verdicts):
+        changed += r["correct"] != ok
+        r["correct"], r["extracted"] = ok, extract_answer(r["response"])
+    store.rewrite(task, records)
+    return changed
+
+
+def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore, progress: bool = True,
+                  regrade: bool = False) -> dict:
+    """Generate and grade whatever is missing for `task`, then return its metrics plus timing.
+    regrade: also grade the samples already on disk again (after a grader change)."""
     n = settings.sampling.n
     problems = load_task(task, limit=settings.limit)
     wanted = {p.id for p in problems}
@@ -84,6 +99,8 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
         store.append(task, records)
         bar.update(len(records))
     bar.close()
+    if regrade:
+        _regrade(task, store, settings.grade_timeout, progress)
     records = [r for r in store.load(task) if r["id"] in wanted]
     metrics = task_metrics(records)
     metrics["generation"] = {"new_samples": len(todo) * n, "seconds": round(gen_seconds, 2), "tokens": gen_tokens,
@@ -92,9 +109,9 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
 
 
 def evaluate_tasks(generator, tasks: list[str], settings: EvalSettings, store: RunStore,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, regrade: bool = False) -> dict:
     """{"tasks": {task: metrics}, "average": metrics averaged over the tasks}."""
     per_task = {}
     for task in tasks:
-        per_task[task] = evaluate_task(generator, task, settings, store, progress)
+        per_task[task] = evaluate_task(generator, task, settings, store, progress, regrade)
     return {"tasks": per_task, "average": average_metrics(per_task)}

@@ -70,6 +70,12 @@ class RunStore:
             f.flush()
             os.fsync(f.fileno())
 
+    def rewrite(self, task: str, records: list[dict]) -> None:
+        """Replace a task's samples atomically (used to re-grade stored samples with a newer grader)."""
+        tmp = self.path(task).with_suffix(".rewrite")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        tmp.replace(self.path(task))
+
     def write_json(self, name: str, obj: dict) -> Path:
         path = self.dir / name
         tmp = path.with_suffix(".tmp")

@@ -108,3 +108,16 @@ def test_records_carry_what_the_issue_asks(setup):
     for key in ("prompt", "response", "extracted", "correct", "tokens", "finish_reason", "gold", "boxed"):
         assert key in rec
     assert rec["tokens"] == 3 and rec["boxed"] and rec["correct"]
+
+
+def test_regrade_rewrites_verdicts_without_generating(setup):
+    _, golds, settings, store = setup
+    evaluate_task(ScriptedGenerator(golds), "aime24", settings, store, progress=False)
+    records = store.load("aime24")
+    for r in records:
+        r["correct"] = not r["correct"]  # as if an older grader had got every verdict wrong
+    store.rewrite("aime24", records)
+    idle = ScriptedGenerator(golds, fail_on=1)
+    metrics = evaluate_task(idle, "aime24", settings, store, progress=False, regrade=True)
+    assert idle.calls == [] and metrics["accuracy"] == pytest.approx(0.5)
+    assert [r["correct"] for r in store.load("aime24")] == [not r["correct"] for r in records]
