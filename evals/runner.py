@@ -78,7 +78,7 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
     sampling = settings.sampling
     if settings.prompt_style == "fewshot" and not sampling.stop:
         sampling = SamplingConfig(**{**asdict(sampling), "stop": ("Question:",)})  # the next few-shot item
-    gen_seconds, gen_tokens = 0.0, 0
+    new_samples = 0
     bar = tqdm(total=len(problems) * n, initial=len(have), desc=task, unit="sample", disable=not progress)
     for start in range(0, len(todo), settings.chunk_size):
         chunk = todo[start:start + settings.chunk_size]
@@ -86,25 +86,28 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
                    for p in chunk]
         t0 = time.monotonic()
         completions = generator.generate(prompts, sampling, progress="generate" if progress else False)
-        gen_seconds += time.monotonic() - t0
+        seconds = time.monotonic() - t0
         records = []
         for p, prompt, comps in zip(chunk, prompts, completions):
             missing = [j for j in range(n) if (p.id, j) not in have]
             records += _records(task, p, prompt, comps, missing)
-        gen_tokens += sum(r["tokens"] for r in records)
         verdicts = grade_many([r["response"] for r in records], [r["gold"] for r in records],
                               timeout=settings.grade_timeout, progress="grade" if progress else False)
         for r, ok in zip(records, verdicts):
             r["correct"] = ok
         store.append(task, records)
+        store.add_timing(task, len(records), seconds, sum(r["tokens"] for r in records))
+        new_samples += len(records)
         bar.update(len(records))
     bar.close()
     if regrade:
         _regrade(task, store, settings.grade_timeout, progress)
     records = [r for r in store.load(task) if r["id"] in wanted]
     metrics = task_metrics(records)
-    metrics["generation"] = {"new_samples": len(todo) * n, "seconds": round(gen_seconds, 2), "tokens": gen_tokens,
-                             "tokens_per_second": round(gen_tokens / gen_seconds, 2) if gen_seconds else None}
+    total = store.timing(task)  # over every invocation of this run
+    metrics["generation"] = {"new_samples": new_samples, "samples": total["samples"], "seconds": total["seconds"],
+                             "tokens": total["tokens"],
+                             "tokens_per_second": round(total["tokens"] / total["seconds"], 2) if total["seconds"] else None}
     return metrics
 
 

@@ -70,6 +70,23 @@ class RunStore:
             f.flush()
             os.fsync(f.fileno())
 
+    def add_timing(self, task: str, samples: int, seconds: float, tokens: int) -> dict:
+        """Accumulate generation time over invocations (timing.json), so a resumed run reports the throughput of
+        all its generation, not only of the last invocation. Returns the task's totals."""
+        path = self.dir / "timing.json"
+        timing = json.loads(path.read_text()) if path.exists() else {}
+        t = timing.setdefault(task, {"samples": 0, "seconds": 0.0, "tokens": 0})
+        t["samples"] += samples
+        t["seconds"] = round(t["seconds"] + seconds, 3)
+        t["tokens"] += tokens
+        self.write_json("timing.json", timing)
+        return t
+
+    def timing(self, task: str) -> dict:
+        path = self.dir / "timing.json"
+        timing = json.loads(path.read_text()) if path.exists() else {}
+        return timing.get(task, {"samples": 0, "seconds": 0.0, "tokens": 0})
+
     def rewrite(self, task: str, records: list[dict]) -> None:
         """Replace a task's samples atomically (used to re-grade stored samples with a newer grader)."""
         tmp = self.path(task).with_suffix(".rewrite")

@@ -68,6 +68,7 @@ def test_interrupted_run_resumes_without_redoing_or_losing(setup):
     assert metrics["n_problems"] == 7 and metrics["n_samples"] == 2
     assert metrics["accuracy"] == pytest.approx(0.5) and metrics["pass_at_k"]["2"] == pytest.approx(1.0)
     assert metrics["generation"]["new_samples"] == 6
+    assert metrics["generation"]["samples"] == 14  # timing accumulates over both invocations
     # Every line of the file is valid JSON again.
     lines = store.path("aime24").read_text().splitlines()
     assert len(lines) == 14 and all(json.loads(line) for line in lines)
