@@ -1,0 +1,257 @@
+"""``KDRLLoss``: GRPO, on-policy KD, KDRL (joint and reward-shaping) and TRRD as one drop-in module.
+
+The student's log-probs (and the teacher's, when given as hidden states) are computed from hidden states and lm_head
+weights without materialising ``(N, V)`` logits. On the PyTorch backend the loss runs in a single pass that
+computes gradients during the forward (see :mod:`kdrl_kernels.fused_loss`); on Triton it composes the fused ops.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from . import objectives as O
+from . import validation as V
+from .api import fused_linear_kl, fused_linear_logprobs
+from .backend import resolve_backend
+from .fused_loss import FusedLossParams, FusedPolicyLoss, TeacherInputs
+
+__all__ = ["KDRLConfig", "KDRLLoss", "token_losses"]
+
+OBJECTIVES = ("grpo", "kd", "kdrl", "kdrl_shaping", "trrd")
+
+
+@dataclass
+class KDRLConfig:
+    """Every knob of the loss. Defaults follow the KDRL paper (k2, beta 2e-3, token-mean)."""
+    objective: str = "kdrl"            # grpo | kd | kdrl | kdrl_shaping | trrd
+    kl_estimator: str = "k2"           # k1 | k2 | k3 | exact (full-vocabulary reverse KL; needs teacher hidden)
+    beta: float = 2e-3                 # KD coefficient (kdrl, kdrl_shaping); kd uses 1
+    beta_schedule: str = "constant"    # constant | linear (max(beta - decay*step, beta_min)) | cosine
+    beta_min: float = 1e-3
+    beta_decay: float = 5e-5
+    total_steps: Optional[int] = None  # for the cosine schedule
+    kd_mask: str = "none"              # none | incorrect | group_all_wrong (reward-guided KD)
+    eps_low: float = 0.2
+    eps_high: float = 0.2              # 0.28 for DAPO's clip-higher
+    dual_clip: Optional[float] = None  # e.g. 3.0
+    trrd_alpha: float = 0.5
+    trrd_clamp: Optional[float] = 1.0  # clamp of s - t before forming the TRRD ratio
+    aggregation: str = "token_mean"    # token_mean | seq_mean | dr_grpo
+    max_len: Optional[int] = None      # L_max of dr_grpo (default: the T of the batch)
+    scale_rewards: bool = True         # False: Dr. GRPO advantages (no division by the group std)
+    adv_eps: float = 1e-6
+    temperature: float = 1.0
+    truncate_teacher_vocab: bool = False
+    compute_entropy: bool = True       # entropy metric (one extra pass over each chunk)
+    log_exact_kl: bool = False         # exact reverse KL as a metric when the estimator is not "exact"
+    backend: str = "auto"
+    single_pass: bool = True           # PyTorch backend: gradients during forward (no recompute)
+    chunk_size: Optional[int] = None
+
+    def __post_init__(self):
+        choices = {"objective": OBJECTIVES, "kl_estimator": O.KL_ESTIMATORS + ("exact",),
+                   "beta_schedule": O.BETA_SCHEDULES, "kd_mask": O.KD_MASKS, "aggregation": O.AGGREGATIONS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("eps_low", "eps_high", "beta", "beta_min", "beta_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.trrd_alpha <= 1.0:
+            raise ValueError(f"trrd_alpha must be in [0, 1], got {self.trrd_alpha}")
+        V.check_temperature(self.temperature)
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.objective != "grpo"
+
+
+def token_losses(s, t, old, adv, kl, cfg: KDRLConfig, beta: float):
+    """Per-token policy-gradient and KD terms ``(pg, kd)`` (either may be None), each shaped like ``s``.
+
+    ``old=None`` means on-policy (``old = s.detach()``, ratio 1). ``kl`` is the exact per-token KL when the estimator
+    is ``exact``. KDRL's shaping form adds the detached ``beta * (t - s)`` to the advantage instead of a KD loss.
+    """
+    old = s.detach() if old is None else old
+    clip = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip)
+    pg = kd = None
+    if cfg.objective in ("grpo", "kdrl"):
+        pg = O.clipped_surrogate(O.grpo_log_ratio(s, old), adv, **clip)
+    elif cfg.objective == "kdrl_shaping":
+        pg = O.clipped_surrogate(O.grpo_log_ratio(s, old), adv + beta * (t - s).detach(), **clip)
+    elif cfg.objective == "trrd":
+        pg = O.clipped_surrogate(O.trrd_log_ratio(s, old, t, cfg.trrd_alpha, cfg.trrd_clamp), adv, **clip)
+    if cfg.objective in ("kd", "kdrl"):
+        kd = kl if cfg.kl_estimator == "exact" else O.kl_estimator(s, t, cfg.kl_estimator)
+    return pg, kd
+
+
+def _objective(rows, s, t, kl, *, cfg, beta, adv, old, w_pg, w_kd):
+    """Scalar loss of the given rows: ``sum(w_pg * pg) + coef * sum(w_kd * kd)``."""
+    pg, kd = token_losses(s, t, None if old is None else old[rows], adv[rows], kl, cfg, beta)
+    total = torch.zeros((), dtype=torch.float32, device=s.device)
+    if pg is not None:
+        total = total + (w_pg[rows] * pg).sum()
+    if kd is not None:
+        total = total + (1.0 if cfg.objective == "kd" else beta) * (w_kd[rows] * kd).sum()
+    return total
+
+
+class KDRLLoss(torch.nn.Module):
+    """Drop-in KD + RL loss from hidden states. ``KDRLLoss(config)`` or ``KDRLLoss(**config_fields)``.
+
+    forward(hidden ``(B, T, d)``, weight ``(V, d)``, targets ``(B, T)`` int64, mask ``(B, T)`` bool, *,
+    advantages ``(B,)``/``(B, T)`` | rewards ``(B,)`` + group_ids ``(B,)``, correct ``(B,)`` bool,
+    old_logprobs ``(B, T)``, teacher_hidden ``(B, T, d_t)`` + teacher_weight ``(V_t, d_t)`` | teacher_logprobs
+    ``(B, T)``, step, bias, teacher_bias) -> ``(loss, metrics)``; ``hidden[b, t]`` predicts ``targets[b, t]``.
+    """
+
+    def __init__(self, config: Optional[KDRLConfig] = None, **kwargs):
+        super().__init__()
+        if config is not None and kwargs:
+            raise ValueError("pass either a KDRLConfig or keyword fields, not both")
+        self.config = config if config is not None else KDRLConfig(**kwargs)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.config).items())
+
+    def forward(self, hidden, weight, targets, mask, *, advantages=None, rewards=None, group_ids=None, correct=None,
+                old_logprobs=None, teacher_hidden=None, teacher_weight=None, teacher_logprobs=None, step=None,
+                bias=None, teacher_bias=None):
+        cfg = self.config
+        _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, teacher_logprobs)
+        if cfg.needs_teacher and teacher_hidden is None and teacher_logprobs is None:
+            raise ValueError(f"objective={cfg.objective!r} needs teacher_hidden + teacher_weight or teacher_logprobs")
+        if teacher_hidden is not None:
+            if teacher_weight is None:
+                raise ValueError("teacher_hidden needs teacher_weight")
+            teacher_weight, teacher_bias = V.match_teacher_vocab(weight, teacher_weight, cfg.truncate_teacher_vocab,
+                                                                 teacher_bias)
+        need_exact = (cfg.kl_estimator == "exact" and cfg.objective in ("kd", "kdrl")) or cfg.log_exact_kl
+        if need_exact and teacher_hidden is None:
+            raise ValueError("the exact KL needs teacher_hidden and teacher_weight (log-probs are not enough)")
+        mask = mask.bool()
+        adv = _token_advantages(cfg, mask, advantages, rewards, group_ids)
+        w_pg = O.aggregation_weights(mask, cfg.aggregation, cfg.max_len)
+        if correct is None:
+            correct = rewards > 0 if rewards is not None else torch.zeros(mask.shape[0], dtype=torch.bool,
+                                                                          device=mask.device)
+        w_kd = w_pg * O.kd_sequence_mask(correct, group_ids, cfg.kd_mask)[:, None].to(w_pg.device)
+        beta = O.beta_at(step, cfg.beta, cfg.beta_schedule, cfg.beta_min, cfg.beta_decay, cfg.total_steps)
+
+        flat = mask.reshape(-1)
+        rows = flat.nonzero().squeeze(1)  # masked tokens are dropped before any matmul
+        pick = (lambda x: None if x is None else x.reshape(flat.shape[0], *x.shape[2:])[rows])
+        h, tgt = pick(hidden), pick(targets).long()
+        V.check_targets(tgt, weight.shape[0], ignore_index=-1)
+        teacher = TeacherInputs(pick(teacher_hidden).detach() if teacher_hidden is not None else None,
+                                None if teacher_weight is None else teacher_weight.detach(),
+                                None if teacher_bias is None else teacher_bias.detach(),
+                                None if teacher_logprobs is None else pick(teacher_logprobs).detach().float())
+        old = None if old_logprobs is None else pick(old_logprobs).detach().float()
+        objective = functools.partial(_objective, cfg=cfg, beta=beta, adv=pick(adv), old=old, w_pg=pick(w_pg),
+                                      w_kd=pick(w_kd))
+        backend = resolve_backend(cfg.backend, hidden.device)
+        if backend == "torch" and cfg.single_pass:
+            params = FusedLossParams(objective, cfg.temperature, cfg.chunk_size, need_exact,
+                                     need_exact and cfg.kl_estimator == "exact" and cfg.objective in ("kd", "kdrl"),
+                                     cfg.compute_entropy)
+            loss, stats = FusedPolicyLoss.apply(h, weight, bias, tgt, teacher, params)
+            s, t, kl, ent = stats
+            t = t if (teacher.hidden is not None or teacher.logprobs is not None) else None
+        else:
+            loss, s, t, kl, ent = _composed_loss(cfg, backend, objective, h, weight, bias, tgt, teacher, need_exact)
+        V.check_outputs_finite((loss, s, t, kl), hidden=hidden, weight=weight, bias=bias,
+                               teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+        metrics = _metrics(cfg, loss, beta, s.detach(), t, kl if need_exact else None,
+                           ent if cfg.compute_entropy else None, old, pick(adv), pick(w_pg), pick(w_kd))
+        return loss, metrics
+
+
+def _composed_loss(cfg, backend, objective, h, weight, bias, tgt, teacher, need_exact):
+    """The same loss from the public ops (Triton on GPU): student log-probs keep their autograd graph."""
+    common = dict(temperature=cfg.temperature, backend=backend, chunk_size=cfg.chunk_size, check_finite=False)
+    s, ent = fused_linear_logprobs(h, weight, tgt, bias=bias, return_entropy=True, **common)
+    t = teacher.logprobs
+    if t is None and teacher.hidden is not None:
+        with torch.no_grad():
+            t = fused_linear_logprobs(teacher.hidden, teacher.weight, tgt, bias=teacher.bias, **common)
+    kl = None
+    if need_exact:
+        kl = fused_linear_kl(h, weight, teacher.hidden, teacher.weight, kind="reverse", student_bias=bias,
+                             teacher_bias=teacher.bias, **common)
+        if cfg.kl_estimator != "exact":
+            kl = kl.detach()
+    rows = torch.arange(h.shape[0], device=h.device)
+    return objective(rows, s, t, kl), s, t, kl, ent.detach()
+
+
+def _token_advantages(cfg, mask, advantages, rewards, group_ids):
+    """``(B, T)`` float32 advantages from per-sequence / per-token advantages or from rewards + group ids."""
+    b, t = mask.shape
+    if advantages is None:
+        if rewards is None or group_ids is None:
+            if cfg.objective == "kd":
+                return torch.zeros(b, t, device=mask.device)
+            raise ValueError("pass advantages (B,) or (B, T), or rewards (B,) with group_ids (B,)")
+        V.check_vector("rewards", rewards, b)
+        V.check_vector("group_ids", group_ids, b, dtype_kind="int")
+        advantages = O.group_advantages(rewards, group_ids, cfg.adv_eps, cfg.scale_rewards)
+    if advantages.shape == (b,):
+        advantages = advantages[:, None].expand(b, t)
+    if advantages.shape != (b, t):
+        raise ValueError(f"advantages must have shape ({b},) or ({b}, {t}), got {tuple(advantages.shape)}")
+    if not torch.isfinite(advantages).all():
+        raise ValueError("advantages contain NaN or inf")
+    return advantages.float()
+
+
+def _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, teacher_logprobs):
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, d), got shape {tuple(hidden.shape)}")
+    b, t, d = hidden.shape
+    V.check_matrix("weight", weight, cols=d)
+    for name, x in (("targets", targets), ("mask", mask), ("old_logprobs", old_logprobs),
+                    ("teacher_logprobs", teacher_logprobs)):
+        if x is not None and tuple(x.shape) != (b, t):
+            raise ValueError(f"{name} must have shape ({b}, {t}), got {tuple(x.shape)}")
+    if teacher_hidden is not None and tuple(teacher_hidden.shape[:2]) != (b, t):
+        raise ValueError(f"teacher_hidden must have shape ({b}, {t}, d_t), got {tuple(teacher_hidden.shape)}")
+    V.check_same_device(hidden=hidden, weight=weight, targets=targets, mask=mask, old_logprobs=old_logprobs,
+                        teacher_hidden=teacher_hidden, teacher_logprobs=teacher_logprobs)
+    V.check_finite(old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs)  # (B, T): cheap
+
+
+def _metrics(cfg, loss, beta, s, t, kl, ent, old, adv, w_pg, w_kd):
+    """Floats for logging, computed from the per-token statistics without gradients (one host sync)."""
+    n = s.numel()
+    if n == 0:
+        return {"loss": float(loss.detach()), "num_tokens": 0.0, "beta": float(beta)}
+    with torch.no_grad():
+        pg, kd = token_losses(s, t, old, adv, kl, cfg, beta)
+        log_ratio = s - (s if old is None else old)
+        if cfg.objective == "trrd":
+            log_ratio = O.trrd_log_ratio(s, s if old is None else old, t, cfg.trrd_alpha, cfg.trrd_clamp)
+        ratio = log_ratio.exp()
+        clip_adv = adv + beta * (t - s) if cfg.objective == "kdrl_shaping" else adv
+        vals = {"loss": loss.detach().float(), "num_tokens": torch.tensor(float(n)),
+                "pg_loss": (w_pg * pg).sum() if pg is not None else torch.tensor(0.0),
+                "kd_loss": (w_kd * kd).sum() if kd is not None else torch.tensor(0.0),
+                "clip_frac": O.clip_mask(log_ratio, clip_adv, cfg.eps_low, cfg.eps_high, cfg.dual_clip).float().mean(),
+                "ratio_mean": ratio.mean(), "ratio_min": ratio.min(), "ratio_max": ratio.max(),
+                "logp_mean": s.mean()}
+        if t is not None:
+            vals.update({k: O.kl_estimator(s, t, k).mean() for k in O.KL_ESTIMATORS})
+            vals["teacher_logp_mean"] = t.mean()
+        if kl is not None:
+            vals["exact_kl"] = kl.detach().mean()
+        if ent is not None:
+            vals["entropy"] = ent.mean()
+        names = list(vals)
+        floats = torch.stack([vals[k].float().to(s.device) for k in names]).tolist()
+    out = dict(zip(names, floats))
+    out["beta"] = float(beta)
+    return out

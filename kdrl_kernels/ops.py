@@ -1,0 +1,85 @@
+"""Autograd Functions over the backend contract; each takes a small frozen params dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backend import get_impl
+
+
+@dataclass(frozen=True)
+class LogprobParams:
+    temperature: float = 1.0
+    ignore_index: int = -100
+    backend: str = "torch"
+    chunk_size: int | None = None
+    need_entropy: bool = True  # the PyTorch path skips the entropy pass when nobody asked for it
+
+
+@dataclass(frozen=True)
+class KLParams:
+    kind: str = "reverse"
+    beta: float = 0.5
+    temperature: float = 1.0
+    backend: str = "torch"
+    chunk_size: int | None = None
+
+
+class LinearLogprobs(torch.autograd.Function):
+    """``(logp, entropy, lse)`` of targets under ``softmax((hidden @ weight.T + bias) / T)``; lse not differentiable.
+
+    The backward recomputes logits chunk by chunk (or tile by tile on GPU) from the saved lse and entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, params: LogprobParams):
+        impl = get_impl(params.backend, params.chunk_size)
+        kwargs = dict(temperature=params.temperature, ignore_index=params.ignore_index)
+        if params.backend == "torch":
+            kwargs["need_entropy"] = params.need_entropy
+        logp, lse, entropy = impl.logprobs_forward(hidden, weight, bias, targets, **kwargs)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.params = params
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy, lse
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        params = ctx.params
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        impl = get_impl(params.backend, params.chunk_size)
+        kwargs = dict(temperature=params.temperature, ignore_index=params.ignore_index)
+        if params.backend == "torch":
+            kwargs["needs"] = ctx.needs_input_grad[:3]
+        grad_h, grad_w, grad_b = impl.logprobs_backward(hidden, weight, bias, targets, lse, grad_logp.contiguous(),
+                                                        None if grad_entropy is None else grad_entropy.contiguous(),
+                                                        entropy, **kwargs)
+        return grad_h, grad_w, grad_b, None, None
+
+
+class LinearKL(torch.autograd.Function):
+    """Exact per-token divergence between student and teacher; gradients reach the student only."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, params: KLParams):
+        impl = get_impl(params.backend, params.chunk_size)
+        kl, s_lse, t_lse = impl.kl_forward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask,
+                                           kind=params.kind, beta=params.beta, temperature=params.temperature)
+        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, s_lse, t_lse, kl)
+        ctx.params = params
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, s_lse, t_lse, kl = ctx.saved_tensors
+        params = ctx.params
+        impl = get_impl(params.backend, params.chunk_size)
+        kwargs = dict(kind=params.kind, beta=params.beta, temperature=params.temperature)
+        if params.backend == "torch":
+            kwargs["needs"] = ctx.needs_input_grad[:3]
+        grad_h, grad_w, grad_b = impl.kl_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask,
+                                                  s_lse, t_lse, kl, grad_kl.contiguous(), **kwargs)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
