@@ -100,10 +100,11 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
         new_samples += len(records)
         bar.update(len(records))
     bar.close()
-    if regrade:
-        _regrade(task, store, settings.grade_timeout, progress)
+    changed = _regrade(task, store, settings.grade_timeout, progress) if regrade else None
     records = [r for r in store.load(task) if r["id"] in wanted]
     metrics = task_metrics(records)
+    if changed is not None:
+        metrics["regrade_changed_verdicts"] = changed
     total = store.timing(task)  # over every invocation of this run
     metrics["generation"] = {"new_samples": new_samples, "samples": total["samples"], "seconds": total["seconds"],
                              "tokens": total["tokens"],

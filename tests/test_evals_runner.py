@@ -121,4 +121,5 @@ def test_regrade_rewrites_verdicts_without_generating(setup):
     idle = ScriptedGenerator(golds, fail_on=1)
     metrics = evaluate_task(idle, "aime24", settings, store, progress=False, regrade=True)
     assert idle.calls == [] and metrics["accuracy"] == pytest.approx(0.5)
+    assert metrics["regrade_changed_verdicts"] == len(records)
     assert [r["correct"] for r in store.load("aime24")] == [not r["correct"] for r in records]
