@@ -22,7 +22,7 @@ from kdrl.logging import MetricsLogger
 from kdrl.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
 from kdrl_kernels import KDRLConfig, KDRLLoss
 
-__all__ = ["Trainer", "main", "decoder", "hidden_states"]
+__all__ = ["Trainer", "main", "decoder", "hidden_states", "backward_microbatches"]
 
 
 def decoder(model):
@@ -79,6 +79,55 @@ class MasterWeights:
         if self.enabled:
             for name, p in self.model_params.items():
                 p.copy_(self.params[name])
+
+
+# Each micro-batch's share of the mini-batch's normaliser, per aggregation mode of KDRLConfig.
+_SHARES = {"token_mean": lambda m: float(m.sum()), "seq_mean": lambda m: float((m.sum(-1) > 0).sum()),
+           "dr_grpo": lambda m: float(m.shape[0])}
+
+
+def backward_microbatches(model, loss_fn: KDRLLoss, batch: RolloutBatch, *, micro_batch_size: int,
+                          teacher_hidden=None, teacher_weight=None, old_logprobs=None, step: int | None = None,
+                          after_backward=None) -> dict:
+    """Forward/backward ``batch`` in micro-batches; the summed gradient equals that of the loss on the whole batch.
+
+    ``KDRLLoss`` normalises each call by its own rows (tokens, sequences or B * T, per ``aggregation``), so each
+    micro-loss is scaled by its share of the batch's normaliser before backward. ``teacher_hidden (B, T, d_t)``
+    and ``old_logprobs (B, T)`` are sliced along with the batch. ``after_backward()`` runs after each backward
+    (the fp32 master accumulation). Returns the batch's loss metrics (share-weighted means).
+    """
+    share = _SHARES[loss_fn.config.aggregation]
+    total = max(share(batch.mask), 1.0)
+    weight = model.get_output_embeddings().weight
+    sums: dict[str, float] = {}
+    for i in range(0, len(batch), micro_batch_size):
+        part, rows = batch.rows(i, i + micro_batch_size), slice(i, i + micro_batch_size)
+        scale = share(part.mask) / total
+        if scale == 0.0:
+            continue
+        loss, metrics = loss_fn(
+            hidden_states(model, part), weight, part.targets, part.mask,
+            advantages=part.advantages, correct=part.correct, group_ids=part.group_ids,
+            old_logprobs=None if old_logprobs is None else old_logprobs[rows],
+            teacher_hidden=None if teacher_hidden is None else teacher_hidden[rows],
+            teacher_weight=teacher_weight, step=step)
+        (loss * scale).backward()
+        if after_backward is not None:
+            after_backward()
+        _merge(sums, metrics, scale)
+    return sums
+
+
+def _merge(sums: dict, metrics: dict, scale: float) -> None:
+    """Fold one micro-batch's loss metrics into the step's: shares-weighted means, summed counts, min/max."""
+    for key, value in metrics.items():
+        if key == "num_tokens":
+            sums[key] = sums.get(key, 0.0) + value
+        elif key in ("ratio_min", "ratio_max"):
+            pick = min if key == "ratio_min" else max
+            sums[key] = pick(sums.get(key, value), value)
+        else:
+            sums[key] = sums.get(key, 0.0) + value * scale
 
 
 class Trainer:
@@ -217,51 +266,31 @@ class Trainer:
             with timer("old_logprobs"):
                 old = self.old_logprobs(batch)
         self.model.train()
-        weight = self.model.get_output_embeddings().weight
         t_weight = None if self.teacher is None else self.teacher.get_output_embeddings().weight
         size = len(batch) // n_updates
         sums: dict[str, float] = {}
         for u in range(n_updates):
             mini = batch.rows(u * size, (u + 1) * size)
             opt_step = self.step * n_updates + u
+            rows = slice(u * size, (u + 1) * size)
             with timer("student_fwd_bwd"):
-                for key, value in self._accumulate(mini, weight, t_hidden, t_weight, old, u * size, opt_step).items():
-                    sums[key] = sums.get(key, 0.0) + value / n_updates
+                m = backward_microbatches(
+                    self.model, self.loss_fn, mini, micro_batch_size=cfg.optim.micro_batch_size,
+                    teacher_hidden=None if t_hidden is None else t_hidden[rows], teacher_weight=t_weight,
+                    old_logprobs=None if old is None else old[rows], step=opt_step,
+                    after_backward=self.master.accumulate)
+            for key, value in m.items():
+                sums[key] = sums.get(key, 0.0) + value / n_updates
             with timer("optimizer"):
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + self._optimizer_step(opt_step) / n_updates
-        with timer("weight_sync"):
-            self.generator.update_weights(self.model.state_dict() if cfg.rollout.backend == "vllm" else None)
+        if cfg.rollout.backend == "vllm":  # the hf generator shares the model: nothing to copy
+            with timer("weight_sync"):
+                self.generator.update_weights(self.model.state_dict())
         self.step += 1
         metrics = {**rollout_metrics(batch), **sums, "lr": self.optimizer.param_groups[0]["lr"]}
         metrics.update({f"time_{k}": v for k, v in timer.items()})
         metrics["time_step"] = time.perf_counter() - t_start
         return metrics
-
-    def _accumulate(self, mini, weight, t_hidden, t_weight, old, offset, opt_step) -> dict:
-        """Forward/backward over micro-batches of ``mini`` so that the summed gradient equals the gradient of
-        the loss aggregated over the whole mini-batch (each micro-loss is rescaled by its share)."""
-        agg = self.loss_fn.config.aggregation
-        share = {"token_mean": lambda m: m.sum(), "seq_mean": lambda m: (m.sum(-1) > 0).sum(),
-                 "dr_grpo": lambda m: torch.tensor(m.shape[0])}[agg]
-        total = max(float(share(mini.mask)), 1.0)
-        mb, sums = self.cfg.optim.micro_batch_size, {}
-        for i in range(0, len(mini), mb):
-            part = mini.rows(i, i + mb)
-            scale = float(share(part.mask)) / total
-            if scale == 0.0:
-                continue
-            rows = slice(offset + i, offset + i + len(part))
-            loss, m = self.loss_fn(
-                hidden_states(self.model, part), weight, part.targets, part.mask,
-                advantages=part.advantages, correct=part.correct, group_ids=part.group_ids,
-                old_logprobs=None if old is None else old[rows],
-                teacher_hidden=None if t_hidden is None else t_hidden[rows], teacher_weight=t_weight,
-                step=opt_step)
-            (loss * scale).backward()
-            self.master.accumulate()
-            for key, value in m.items():
-                sums[key] = sums.get(key, 0.0) + (value * scale if key != "beta" else value * scale)
-        return sums
 
     def _optimizer_step(self, opt_step: int) -> float:
         """Warmup, gradient clipping, AdamW step, write masters back to the model. Returns the gradient norm."""
