@@ -188,16 +188,26 @@ class Trainer:
                                            eps=o.eps, weight_decay=o.weight_decay)
 
     def _make_generator(self):
+        """The rollout engine: its own copy of the student, refreshed by ``update_weights`` after each step."""
         from kdrl.generation import make_generator
         r = self.cfg.rollout
-        if r.backend == "hf":  # shares the live training model: no weight copy needed
-            return make_generator(self.student_path, backend="hf", model=self.model, tokenizer=self.tokenizer)
-        if self.cfg.model.lora_rank:
-            raise ValueError("rollout.backend=vllm with LoRA is not supported: use full fine-tuning or backend=hf")
-        gen = make_generator(self.student_path, backend="vllm", **r.vllm_kwargs)
+        kw = r.vllm_kwargs if r.backend == "vllm" else {}
+        gen = make_generator(self.student_path, backend=r.backend, dtype=self.cfg.model.dtype, **kw)
         if self.step:  # resumed: the engine loaded the initial weights
-            gen.update_weights(self.model.state_dict())
+            gen.update_weights(self.rollout_weights())
         return gen
+
+    @torch.no_grad()
+    def rollout_weights(self) -> dict[str, torch.Tensor]:
+        """The student's current weights under the plain model's names (LoRA adapters merged in)."""
+        if not self.cfg.model.lora_rank:
+            return self.model.state_dict()
+        self.model.merge_adapter()  # W + scale * B @ A, written into the base layers
+        try:
+            state = self.model.get_base_model().state_dict()
+            return {k.replace(".base_layer.", "."): v.clone() for k, v in state.items() if "lora_" not in k}
+        finally:
+            self.model.unmerge_adapter()
 
     # ---- one step -------------------------------------------------------------------------------------------
     def prompts(self, problems) -> list[str]:
@@ -215,7 +225,6 @@ class Trainer:
         sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                   n=r.group_size, seed=self.cfg.run.seed * 100_003 + self.step)
         with timer("generation"):
-            torch.manual_seed(sampling.seed)
             groups = self.generator.generate(texts, sampling, progress=False)
         with timer("grading"):
             flat = [c for g in groups for c in g]
@@ -256,7 +265,6 @@ class Trainer:
         """Run one full step (rollout -> update(s) -> weight sync); returns the step's metrics."""
         timer, cfg = Timer(), self.cfg
         t_start = time.perf_counter()
-        self.model.eval()
         batch = self.rollout(timer)
         with timer("teacher"):
             t_hidden = self.teacher_hidden(batch)
@@ -265,7 +273,6 @@ class Trainer:
         if n_updates > 1:  # later mini-batches are off-policy: anchor the ratio at the rollout policy
             with timer("old_logprobs"):
                 old = self.old_logprobs(batch)
-        self.model.train()
         t_weight = None if self.teacher is None else self.teacher.get_output_embeddings().weight
         size = len(batch) // n_updates
         sums: dict[str, float] = {}
@@ -283,9 +290,8 @@ class Trainer:
                 sums[key] = sums.get(key, 0.0) + value / n_updates
             with timer("optimizer"):
                 sums["grad_norm"] = sums.get("grad_norm", 0.0) + self._optimizer_step(opt_step) / n_updates
-        if cfg.rollout.backend == "vllm":  # the hf generator shares the model: nothing to copy
-            with timer("weight_sync"):
-                self.generator.update_weights(self.model.state_dict())
+        with timer("weight_sync"):
+            self.generator.update_weights(self.rollout_weights())
         self.step += 1
         metrics = {**rollout_metrics(batch), **sums, "lr": self.optimizer.param_groups[0]["lr"]}
         metrics.update({f"time_{k}": v for k, v in timer.items()})
@@ -313,7 +319,6 @@ class Trainer:
         from kdrl.grading import grade_many
         run = self.cfg.run
         problems = load_task(run.eval_task, limit=run.eval_limit)
-        self.model.eval()
         outs = self.generator.generate(self.prompts(problems), SamplingConfig(
             max_new_tokens=run.eval_max_new_tokens, temperature=0.0, n=1), progress=False)
         ok = grade_many([o[0].text for o in outs], [p.answer for p in problems])
