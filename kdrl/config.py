@@ -116,8 +116,19 @@ def _build(cls, values: dict, where: str):
         sub = known[name].type
         sub_cls = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "RolloutConfig": RolloutConfig,
                    "OptimConfig": OptimConfig, "RunConfig": RunConfig}.get(sub if isinstance(sub, str) else "")
-        kwargs[name] = _build(sub_cls, value, f"{where}{name}.") if sub_cls else value
+        kwargs[name] = _build(sub_cls, value, f"{where}{name}.") if sub_cls else _coerce(known[name], value, where)
     return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value, where: str):
+    """Convert strings for numeric fields: YAML reads ``1e-6`` (no dot) as a string, not a float."""
+    default = f.default
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(float(value)) if isinstance(default, float) else int(value)
+        except ValueError:
+            raise ValueError(f"{where}{f.name} must be a number, got {value!r}") from None
+    return value
 
 
 def _set(tree: dict, dotted: str, raw: str) -> None:

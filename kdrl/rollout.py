@@ -6,7 +6,6 @@ predicts response token ``t``. Position ids count real tokens only, so left padd
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -114,12 +113,12 @@ def build_batch(prompt_ids: list[list[int]], responses: list[list[list[int]]], c
         truncated=torch.tensor([t for ts in truncated for t in ts]), prompt_width=width_p)
 
 
-def _mean(x: torch.Tensor) -> float:
-    return float(x.float().mean()) if x.numel() else math.nan
+def _mean(x: torch.Tensor) -> float | None:
+    return float(x.float().mean()) if x.numel() else None  # None (JSON null): e.g. no correct response
 
 
 def rollout_metrics(batch: RolloutBatch) -> dict[str, float]:
-    """Reward and length statistics of a batch (lengths in response tokens; NaN when a subset is empty)."""
+    """Reward and length statistics of a batch (lengths in response tokens; None when a subset is empty)."""
     lengths = batch.mask.sum(-1).float()
     groups_solved = torch.zeros(int(batch.group_ids.max()) + 1).index_add_(0, batch.group_ids, batch.rewards)
     return {
