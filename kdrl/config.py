@@ -86,6 +86,8 @@ class RunConfig:
     eval_limit: int = opt(50, "problems per periodic evaluation")
     eval_max_new_tokens: int = opt(400, "token budget of the periodic evaluation")
     threads: int = opt(0, "torch intra-op threads; 0 = leave torch's default")
+    export_final: bool = opt(True, "at the end, save the student (LoRA merged) with its tokenizer to "
+                                   "<output_dir>/final, a model directory the evaluation harness can load")
 
 
 @dataclass

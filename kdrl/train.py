@@ -350,7 +350,16 @@ class Trainer:
                 history.append(metrics)
         finally:
             logger.close()
+        if run.export_final and self.step == run.steps:
+            self.export(self.output_dir / "final")
         return history
+
+    def export(self, path: Path) -> Path:
+        """Save the student as a plain transformers model directory (LoRA merged) with its tokenizer."""
+        base = self.model.get_base_model() if self.cfg.model.lora_rank else self.model
+        base.save_pretrained(path, state_dict=self.rollout_weights())
+        self.tokenizer.save_pretrained(path)
+        return path
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import torch
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -60,3 +62,13 @@ def make_tiny_pair(root: Path, seed: int = 0, noise: float = 0.5) -> tuple[Path,
         tok.save_pretrained(path)
         paths.append(path)
     return paths[0], paths[1]
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread, restoring the setting after: on a shared 2-core machine two spinning
+    OpenMP threads are 10-30x slower than one for these tiny shapes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

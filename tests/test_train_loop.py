@@ -2,10 +2,12 @@
 import pytest
 import torch
 
-from _train_tiny import make_tiny_pair
+from _train_tiny import make_tiny_pair, one_thread  # noqa: F401
 from kdrl.config import load_config
 from kdrl.logging import read_metrics
 from kdrl.train import Trainer, main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +19,7 @@ def settings(pair, out, steps=3):
     return [f"model.student={pair[0]}", f"model.teacher={pair[1]}", "data.limit=16", "rollout.backend=hf",
             "rollout.prompts_per_step=2", "rollout.group_size=4", "rollout.max_new_tokens=8", "optim.lr=1e-3",
             "optim.micro_batch_size=3", f"run.steps={steps}", f"run.output_dir={out}", "run.progress=false",
+            "run.threads=1",
             "loss.objective=kdrl", "loss.beta=0.5", "loss.log_exact_kl=true"]
 
 
@@ -54,3 +57,21 @@ def test_resume_after_interruption_continues_exactly(pair, tmp_path, monkeypatch
     assert resumed.step == 3
     for name, p in straight.master.params.items():
         assert torch.equal(p, resumed.master.params[name]), name
+
+
+def test_lora_run_syncs_merged_weights_and_exports_a_loadable_model(pair, tmp_path):
+    from transformers import AutoModelForCausalLM
+    out = tmp_path / "lora"
+    trainer = Trainer(load_config(None, settings(pair, out, steps=1) + ["model.lora_rank=4", "optim.lr=1e-2",
+                                                                        "model.dtype=float32"]))
+    trainer.run()
+    weights = trainer.rollout_weights()
+    assert not any("lora_" in k or "base_layer" in k for k in weights)
+    gen_state = trainer.generator.model.state_dict()
+    start = AutoModelForCausalLM.from_pretrained(pair[0], dtype=torch.float32).state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(gen_state[name], weights[name]) and not torch.equal(weights[name], start[name])
+    exported = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, trainer.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

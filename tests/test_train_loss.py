@@ -3,10 +3,12 @@ tokens, the KD and GRPO terms moving the student the right way, micro-batching a
 import pytest
 import torch
 
-from _train_tiny import make_tiny_pair
+from _train_tiny import make_tiny_pair, one_thread  # noqa: F401
 from kdrl.rollout import build_batch
 from kdrl.train import MasterWeights, backward_microbatches, hidden_states
 from kdrl_kernels import KDRLConfig, KDRLLoss, fused_linear_logprobs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 G = 4
 

@@ -3,7 +3,9 @@ import pytest
 import torch
 
 pytest.importorskip("trl")
-from _train_tiny import make_tiny_pair  # noqa: E402
+from _train_tiny import make_tiny_pair, one_thread  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("objective", ["kdrl", "trrd"])
