@@ -18,7 +18,7 @@ DATA_DIR = Path(__file__).with_name("data")
 BENCHMARKS = ("gsm8k", "math500", "aime24", "aime25", "amc23", "minerva_math", "olympiadbench")
 TRAINING_SETS = ("gsm8k_train", "math_train")
 
-__all__ = ["Problem", "load_task", "read_jsonl", "BENCHMARKS", "TRAINING_SETS", "DATA_DIR"]
+__all__ = ["Problem", "load_task", "gold_answer", "read_jsonl", "BENCHMARKS", "TRAINING_SETS", "DATA_DIR"]
 
 
 @dataclass
@@ -89,8 +89,9 @@ def _olympiad(rows, task):
 
 
 def _math_train(rows, task):
+    # 4 of the 7474 rows (886, 1009, 5328, 5330) have no answer (null or ""): unusable for a reward, skipped.
     return [Problem(f"math_train/{i}", task, r["problem"], r["answer"], {"type": r["type"], "level": r["difficulty"]})
-            for i, r in enumerate(rows)]
+            for i, r in enumerate(rows) if isinstance(r["answer"], str) and r["answer"].strip()]
 
 
 _LOADERS = {
@@ -106,6 +107,16 @@ _LOADERS = {
 }
 
 
+def gold_answer(task: str, row: dict) -> str:
+    """Gold answer of one raw row of `task`'s file, repaired as `load_task` does (for external harnesses)."""
+    if task not in _LOADERS:
+        raise ValueError(f"gold_answer: unknown task {task!r}; expected one of {sorted(_LOADERS)}")
+    problems = _LOADERS[task][1]([row], task)
+    if not problems:
+        raise ValueError(f"gold_answer: the {task} row has no usable answer")
+    return problems[0].answer
+
+
 def load_task(name: str, *, limit: int | None = None) -> list[Problem]:
     """Problems of one task, in file order; `limit` keeps the first `limit` (None = all).
 
@@ -117,7 +128,5 @@ def load_task(name: str, *, limit: int | None = None) -> list[Problem]:
     if limit is not None and limit < 1:
         raise ValueError(f"load_task: limit must be a positive integer or None, got {limit}")
     filename, loader = _LOADERS[name]
-    rows = read_jsonl(DATA_DIR / filename)
-    if limit is not None:
-        rows = rows[:limit]
-    return loader(rows, name)
+    problems = loader(read_jsonl(DATA_DIR / filename), name)
+    return problems if limit is None else problems[:limit]
