@@ -28,7 +28,8 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"torch"`` or ``"triton"``.
         return_entropy, return_lse: also return the per-token entropy (differentiable) and logsumexp.
         chunk_size: rows per chunk on the PyTorch path (default: about 160 MB of fp32 logits).
-        check_finite: refuse NaN/inf inputs (one cheap pass over the inputs).
+        check_finite: refuse NaN/inf inputs; checked on the (N,) outputs, then the inputs are scanned to name the
+            culprit, so the check costs O(N) when all is well.
 
     Returns:
         ``logp`` ``(N,)`` float32 (0 at ignored rows), or a tuple ``(logp, entropy?, lse?)`` in that order with the
@@ -46,13 +47,13 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
     V.check_temperature(temperature)
     V.check_targets(targets, weight.shape[0], ignore_index)
-    if check_finite:
-        V.check_finite(hidden=hidden, weight=weight, bias=bias)
     params = LogprobParams(float(temperature), int(ignore_index), resolve_backend(backend, hidden.device),
                            chunk_size, need_entropy=return_entropy)
     logp, entropy, lse = LinearLogprobs.apply(hidden.contiguous(), weight.contiguous(),
                                               None if bias is None else bias.contiguous(),
                                               targets.long().contiguous(), params)
+    if check_finite:
+        V.check_outputs_finite((logp, lse), hidden=hidden, weight=weight, bias=bias)
     outs = [t.reshape(lead_shape) for t in (logp, entropy, lse)]
     if not (return_entropy or return_lse):
         return outs[0]
@@ -99,9 +100,6 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
     V.check_temperature(temperature)
     teacher_weight, teacher_bias = V.match_teacher_vocab(student_weight, teacher_weight, truncate_teacher_vocab,
                                                          teacher_bias)
-    if check_finite:
-        V.check_finite(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,
-                       teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias)
     params = KLParams(kind, float(beta), float(temperature), resolve_backend(backend, student_hidden.device),
                       chunk_size)
     detach = (lambda t: None if t is None else t.detach().contiguous())
@@ -109,4 +107,8 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
                         None if student_bias is None else student_bias.contiguous(),
                         detach(teacher_hidden), detach(teacher_weight), detach(teacher_bias),
                         None if mask is None else mask.contiguous(), params)
+    if check_finite:
+        V.check_outputs_finite((kl,), student_hidden=student_hidden, student_weight=student_weight,
+                               teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                               student_bias=student_bias, teacher_bias=teacher_bias)
     return kl.reshape(lead_shape)

@@ -1,34 +1,53 @@
 """The PyTorch backend: token-chunked, fp32 logits, never an ``(N, V)`` tensor.
 
 Implements the backend contract of docs/DESIGN.md (``logprobs_forward/backward``, ``kl_forward/backward``).
-Rows are processed ``chunk_size`` at a time against the whole vocabulary, so one chunk's logits are the only
-vocabulary-sized buffer alive. Ignored rows are dropped before any matmul (prompt and padding tokens cost no
-FLOPs) and get zeros in every output.
+Rows are processed ``chunk_size`` at a time against the whole vocabulary. Ignored rows are dropped before any
+matmul (prompt and padding tokens cost no FLOPs) and get zeros in every output.
+
+Speed on CPU comes from two habits: every vocabulary-sized buffer lives in a :class:`Workspace` allocated once per
+call and reused by every chunk (a fresh 150 MB tensor per chunk is returned to the OS on free and costs ~40k page
+faults the next time), and every elementwise step runs in place or with ``out=``, so one chunk costs a handful of
+passes over its buffers besides the matmuls.
 
 Precision: logits are always computed and normalised in fp32. bf16 inputs are upcast for the forward matmul
 because rounding logits to bf16 costs 1e-2..1e-1 in log-prob (the bug behind Liger #1432), and CPU torch has no
-bf16 x bf16 -> fp32 matmul. The backward matmuls run in the input dtype with fp32 accumulation inside the BLAS
-(as every bf16 training step does for its logit gradients); dW is accumulated across chunks in fp32.
+bf16 x bf16 -> fp32 matmul. The backward matmuls reuse that fp32 weight copy, so gradients are rounded to the
+input dtype once, at the end; dW is accumulated across chunks in fp32. The price is speed: bf16 runs at fp32
+matmul speed on CPU (GPUs get bf16 tensor cores with fp32 accumulation in the Triton kernels).
 """
 from __future__ import annotations
 
 import torch
 
 __all__ = ["logprobs_forward", "logprobs_backward", "kl_forward", "kl_backward", "default_chunk_size",
-           "chunk_logits", "softmax_stats", "divergence_and_grad"]
+           "Workspace", "chunk_logits", "log_softmax_", "normalise_", "rowdot"]
 
-# One chunk's fp32 logits take chunk * V * 4 bytes; 256 rows of a 152k vocabulary is 156 MB, and a 256-deep
-# matmul keeps the dW update (a V x d read-modify-write per chunk) compute-bound.
-_CHUNK_BYTES = 160 * 2**20
+# Budget for all chunk-sized fp32 buffers of one call. With 2 buffers and a 152k vocabulary that is ~260 rows,
+# deep enough that the dW update (a V x d read-modify-write per chunk) stays compute-bound.
+_WORKSPACE_BYTES = 320 * 2**20
 
 
-def default_chunk_size(vocab: int, n_rows: int) -> int:
-    """Rows per chunk: about 160 MB of fp32 logits, between 32 and 4096 rows, never more than needed."""
-    rows = max(32, min(4096, _CHUNK_BYTES // (4 * max(vocab, 1))))
+def default_chunk_size(vocab: int, n_rows: int, n_buffers: int = 2) -> int:
+    """Rows per chunk so that ``n_buffers`` fp32 ``(rows, vocab)`` buffers fit the workspace budget (16..4096)."""
+    rows = max(16, min(4096, _WORKSPACE_BYTES // (4 * n_buffers * max(vocab, 1))))
     return max(1, min(rows, n_rows))
 
 
-def _fp32(x):
+class Workspace:
+    """Named fp32 ``(rows, vocab)`` buffers allocated on first use and reused by every chunk of one call."""
+
+    def __init__(self, rows, vocab, device):
+        self.rows, self.vocab, self.device = rows, vocab, device
+        self._buffers = {}
+
+    def take(self, name, n_rows):
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=torch.float32, device=self.device)
+        return buf[:n_rows]
+
+
+def as_fp32(x):
     return None if x is None else x.float()
 
 
@@ -42,32 +61,36 @@ def chunk_logits(h, w32, b32, temperature, out=None):
     return logits
 
 
-def softmax_stats(logits, targets=None, need_logp=False):
-    """Turn a chunk of fp32 logits into probabilities IN PLACE and return per-row statistics.
+def log_softmax_(z):
+    """Normalise fp32 logits ``z`` ``(c, V)`` into log-probs IN PLACE with torch's fused kernel (3 passes).
 
-    logits ``(c, V)`` float32 (overwritten with ``p``); targets ``(c,)`` int64 or None.
-    Returns ``(p, lse, target_logit, entropy, logp)``; ``entropy`` and the ``(c, V)`` log-probs ``logp`` are
-    computed only when ``need_logp`` (the entropy and its gradient need them), else None.
+    The logsumexp is then ``z_before[:, j] - z_after[:, j]`` for any column ``j``; callers read it off the target.
     """
-    target_logit = logits.gather(1, targets[:, None]).squeeze(1) if targets is not None else None
-    row_max = logits.amax(dim=1, keepdim=True)
-    logits -= row_max
-    logp = logits.clone() if need_logp else None
-    p = logits.exp_()
-    total = p.sum(dim=1, keepdim=True)
-    p /= total
-    log_total = total.log_()
-    lse = (row_max + log_total).squeeze(1)
-    entropy = None
-    if need_logp:
-        logp -= log_total
-        entropy = -(p * logp).sum(dim=1)
-    return p, lse, target_logit, entropy, logp
+    return torch._log_softmax(z, 1, False, out=z)
 
 
-def _valid_rows(targets, ignore_index):
-    valid = targets != ignore_index
-    return valid.nonzero().squeeze(1), valid
+def normalise_(z, cols):
+    """In-place log-softmax of ``z`` ``(c, V)``; returns ``(lse, logp[cols])`` with ``cols`` ``(c,)`` int64."""
+    before = z.gather(1, cols[:, None]).squeeze(1)
+    log_softmax_(z)
+    after = z.gather(1, cols[:, None]).squeeze(1)
+    return before - after, after
+
+
+def rowdot(a, b, slab=8192):
+    """Row-wise dot product of two ``(c, V)`` tensors, ``(c,)``.
+
+    Slab by slab with torch's cascade summation: a BLAS dot (bmm) sums 152k terms sequentially and loses ~1e-4
+    relative accuracy, and one ``(c, V)`` product would be another vocabulary-sized buffer.
+    """
+    out = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
+    for v0 in range(0, a.shape[1], slab):
+        out += (a[:, v0:v0 + slab] * b[:, v0:v0 + slab]).sum(1)
+    return out
+
+
+def _rows(targets, ignore_index):
+    return (targets != ignore_index).nonzero().squeeze(1)
 
 
 def logprobs_forward(hidden, weight, bias, targets, *, temperature=1.0, ignore_index=-100, chunk_size=None,
@@ -77,49 +100,64 @@ def logprobs_forward(hidden, weight, bias, targets, *, temperature=1.0, ignore_i
     Returns ``(logp, lse, entropy)``, each ``(N,)`` float32, zero at ignored rows (entropy zero everywhere when
     ``need_entropy`` is False).
     """
-    n = hidden.shape[0]
-    rows, _ = _valid_rows(targets, ignore_index)
-    out = torch.zeros(3, n, dtype=torch.float32, device=hidden.device)
-    if rows.numel() == 0:
-        return out[0], out[1], out[2]
-    w32, b32 = _fp32(weight), _fp32(bias)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], rows.numel())
+    rows = _rows(targets, ignore_index)
+    out = torch.zeros(3, hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], max(rows.numel(), 1))
+    ws = Workspace(chunk, weight.shape[0], hidden.device)
+    w32, b32 = as_fp32(weight), as_fp32(bias)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
-        z = chunk_logits(hidden[idx], w32, b32, temperature)
-        _, lse, tgt, ent, _ = softmax_stats(z, targets[idx], need_entropy)
-        out[0, idx] = tgt - lse
-        out[1, idx] = lse
+        logp = chunk_logits(hidden[idx], w32, b32, temperature, out=ws.take("z", idx.numel()))
+        out[1, idx], out[0, idx] = normalise_(logp, targets[idx])
         if need_entropy:
-            out[2, idx] = ent
+            out[2, idx] = -rowdot(torch.exp(logp, out=ws.take("p", idx.numel())), logp)
     return out[0], out[1], out[2]
 
 
-def _accumulate_grads(dz, h, weight, idx, grad_hidden, grad_weight32, grad_bias32):
-    """Backpropagate one chunk's logit gradient dz ``(c, V)`` fp32 through ``logits = h @ W.T + b``."""
-    dz_mm = dz.to(weight.dtype)
-    if grad_hidden is not None:
-        grad_hidden[idx] = (dz_mm @ weight).to(grad_hidden.dtype)
-    if grad_weight32 is not None:
-        if weight.dtype == torch.float32:
-            grad_weight32.addmm_(dz_mm.T, h)
-        else:
-            grad_weight32 += (dz_mm.T @ h.to(weight.dtype)).float()
-    if grad_bias32 is not None:
-        grad_bias32 += dz.sum(0)
+def grad_buffers(hidden, weight, bias, needs):
+    """Gradient outputs: hidden's in its dtype, weight's and bias's as fp32 accumulators (None if unneeded).
 
-
-def _grad_buffers(hidden, weight, bias, needs):
+    All zeroed except the weight's (V x d), which the first chunk overwrites instead: a fill of that size is a
+    pass as long as a dW update. :func:`finish_grads` zeroes it if no chunk ran.
+    """
     need_h, need_w, need_b = needs
     grad_hidden = torch.zeros_like(hidden) if need_h else None
-    grad_weight32 = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+    grad_weight32 = _Accumulator(weight.shape, weight.device) if need_w else None
     grad_bias32 = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
                    if need_b and bias is not None else None)
     return grad_hidden, grad_weight32, grad_bias32
 
 
-def _finish_grads(weight, bias, grad_hidden, grad_weight32, grad_bias32):
-    grad_weight = grad_weight32.to(weight.dtype) if grad_weight32 is not None else None
+def accumulate_grads(dz, h, w32, idx, grad_hidden, grad_weight32, grad_bias32):
+    """Backpropagate one chunk's fp32 logit gradient dz ``(c, V)`` through ``logits = h @ W.T + b``, in fp32."""
+    if grad_hidden is not None:
+        grad_hidden[idx] = (dz @ w32).to(grad_hidden.dtype)
+    if grad_weight32 is not None:
+        grad_weight32.add_product(dz.T, h.float())
+    if grad_bias32 is not None:
+        grad_bias32 += dz.sum(0)
+
+
+class _Accumulator:
+    """An fp32 matrix summing ``a @ b`` products; the first product is written with ``out=`` (no zero fill)."""
+
+    def __init__(self, shape, device):
+        self.value = torch.empty(shape, dtype=torch.float32, device=device)
+        self.started = False
+
+    def add_product(self, a, b):
+        if self.started:
+            self.value.addmm_(a, b)
+        else:
+            torch.mm(a, b, out=self.value)
+            self.started = True
+
+    def result(self):
+        return self.value if self.started else self.value.zero_()
+
+
+def finish_grads(weight, bias, grad_hidden, grad_weight32, grad_bias32):
+    grad_weight = grad_weight32.result().to(weight.dtype) if grad_weight32 is not None else None
     grad_bias = grad_bias32.to(bias.dtype) if grad_bias32 is not None else None
     return grad_hidden, grad_weight, grad_bias
 
@@ -131,82 +169,86 @@ def logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, grad_entrop
     ``d logp / dz = onehot - p``; ``d H / dz = -p * (log p + H)``; both divided by the temperature.
     Returns ``(grad_hidden, grad_weight, grad_bias)`` in the dtypes of the inputs (None where not needed).
     """
-    rows, _ = _valid_rows(targets, ignore_index)
-    grads = _grad_buffers(hidden, weight, bias, needs)
-    if rows.numel() == 0:
-        return _finish_grads(weight, bias, *grads)
-    w32, b32 = _fp32(weight), _fp32(bias)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], rows.numel())
-    need_entropy = grad_entropy is not None
+    rows = _rows(targets, ignore_index)
+    grads = grad_buffers(hidden, weight, bias, needs)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], max(rows.numel(), 1))
+    ws = Workspace(chunk, weight.shape[0], hidden.device)
+    w32, b32 = as_fp32(weight), as_fp32(bias)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
         h = hidden[idx]
-        z = chunk_logits(h, w32, b32, temperature)
-        p, _, _, _, logp = softmax_stats(z, None, need_entropy)
+        logp = log_softmax_(chunk_logits(h, w32, b32, temperature, out=ws.take("z", idx.numel())))
         g = grad_logp[idx].float()[:, None]
-        if need_entropy:
-            # dH/dz = -p * (log p + H), with H from the forward pass.
-            logp += entropy[idx][:, None]
-            dz = logp.mul_(p).mul_(-grad_entropy[idx].float()[:, None])
-            dz -= g * p
+        if grad_entropy is not None:
+            # dH/dz = -p * (log p + H), with H from the forward pass; built in the log-prob buffer.
+            p = torch.exp(logp, out=ws.take("p", idx.numel()))
+            ent_term = logp.add_(entropy[idx][:, None]).mul_(p).mul_(-grad_entropy[idx].float()[:, None])
+            dz = p.mul_(-g).add_(ent_term)
         else:
-            dz = p.mul_(-g)
+            dz = logp.exp_().mul_(-g)  # one buffer: p overwrites log p
         dz.scatter_add_(1, targets[idx][:, None], g)
         if temperature != 1.0:
             dz /= temperature
-        _accumulate_grads(dz, h, weight, idx, *grads)
-    return _finish_grads(weight, bias, *grads)
+        accumulate_grads(dz, h, w32, idx, *grads)
+    return finish_grads(weight, bias, *grads)
 
 
-def divergence_and_grad(zs, zt, kind, beta, need_grad):
-    """Exact divergence per row from one chunk of student and teacher fp32 logits (both overwritten).
+def divergence_(logp, logq, p, q, kind, beta, need_grad):
+    """Per-row divergence from a chunk's student and teacher log-probs and probabilities ``(c, V)``.
 
-    zs, zt ``(c, V)`` float32. Returns ``(kl, s_lse, t_lse, dkl_dzs)`` where ``dkl_dzs`` ``(c, V)`` is the gradient
-    of each row's divergence w.r.t. the student logits (None unless ``need_grad``).
+    Overwrites ``logq`` (and ``q`` for jsd) with scratch. Returns ``(kl, dkl_dz)`` where ``dkl_dz`` ``(c, V)`` is the
+    gradient of each row's divergence w.r.t. the student logits (in ``logq``'s buffer; None unless ``need_grad``).
     """
-    s_lse = torch.logsumexp(zs, dim=1)
-    t_lse = torch.logsumexp(zt, dim=1)
-    logp = zs.sub_(s_lse[:, None])
-    logq = zt.sub_(t_lse[:, None])
-    p = logp.exp()
     if kind == "reverse":
-        diff = logp - logq
-        kl = (p * diff).sum(1)
-        grad = diff.sub_(kl[:, None]).mul_(p) if need_grad else None
-    elif kind == "forward":
-        q = logq.exp()
-        kl = (q * (logq - logp)).sum(1)
-        grad = p.sub_(q) if need_grad else None
-    elif kind == "jsd":
-        # log m = log(beta * q + (1 - beta) * p), stably as a two-term logsumexp.
-        logm = torch.logaddexp(logq + torch.log(torch.tensor(beta)), logp + torch.log1p(torch.tensor(-beta)))
-        q = logq.exp()
-        kl_pm = (p * (logp - logm)).sum(1)
-        kl = beta * (q * (logq - logm)).sum(1) + (1 - beta) * kl_pm
-        grad = (logp - logm).sub_(kl_pm[:, None]).mul_(p).mul_(1 - beta) if need_grad else None
-    else:
-        raise ValueError(f"kind must be 'reverse', 'forward' or 'jsd', got {kind!r}")
+        diff = logq.neg_().add_(logp)  # log p - log q
+        kl = rowdot(p, diff)
+        return kl, (diff.sub_(kl[:, None]).mul_(p) if need_grad else None)
+    if kind == "forward":
+        kl = rowdot(q, logq.sub_(logp))
+        return kl, (torch.sub(p, q, out=logq) if need_grad else None)
+    if kind == "jsd":
+        kl_q = rowdot(q, logq)   # sum q log q, before the buffers are reused
+        m = q.mul_(beta).add_(p, alpha=1.0 - beta)
+        logm = m.log_()
+        kl_pm = rowdot(p, logp) - rowdot(p, logm)
+        kl = beta * (kl_q - rowdot(torch.exp(logq, out=logq), logm)) + (1.0 - beta) * kl_pm
+        if not need_grad:
+            return kl, None
+        # dJSD/dz = (1 - beta) * p * (log p - log m - KL(p || m))
+        grad = torch.sub(logp, logm, out=logq).sub_(kl_pm[:, None]).mul_(p).mul_(1.0 - beta)
+        return kl, grad
+    raise ValueError(f"kind must be 'reverse', 'forward' or 'jsd', got {kind!r}")
+
+
+def _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size):
+    rows = (mask.nonzero().squeeze(1) if mask is not None
+            else torch.arange(s_hidden.shape[0], device=s_hidden.device))
+    chunk = chunk_size or default_chunk_size(s_weight.shape[0], max(rows.numel(), 1), n_buffers=4)  # zs zt p q
+    return rows, chunk, Workspace(chunk, s_weight.shape[0], s_hidden.device)
+
+
+def _kl_chunk(ws, idx, s_hidden, sw, sb, t_hidden, tw, tb, temperature, kind, beta, need_grad):
+    n = idx.numel()
+    first = torch.zeros(n, dtype=torch.long, device=idx.device)  # any column recovers the logsumexp
+    logp = chunk_logits(s_hidden[idx], sw, sb, temperature, out=ws.take("zs", n))
+    logq = chunk_logits(t_hidden[idx], tw, tb, temperature, out=ws.take("zt", n))
+    s_lse, _ = normalise_(logp, first)
+    t_lse, _ = normalise_(logq, first)
+    p = torch.exp(logp, out=ws.take("p", n))
+    q = torch.exp(logq, out=ws.take("q", n)) if kind != "reverse" else None
+    kl, grad = divergence_(logp, logq, p, q, kind, beta, need_grad)
     return kl, s_lse, t_lse, grad
-
-
-def _kl_chunks(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, chunk_size):
-    rows = mask.nonzero().squeeze(1) if mask is not None else torch.arange(s_hidden.shape[0],
-                                                                          device=s_hidden.device)
-    chunk = chunk_size or default_chunk_size(s_weight.shape[0], max(rows.numel(), 1))
-    return rows, chunk, (_fp32(s_weight), _fp32(s_bias), _fp32(t_weight), _fp32(t_bias))
 
 
 def kl_forward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, *, kind="reverse", beta=0.5,
                temperature=1.0, chunk_size=None):
     """Exact full-vocabulary divergence per token. Returns ``(kl, s_lse, t_lse)``, each ``(N,)`` float32."""
-    rows, chunk, (sw, sb, tw, tb) = _kl_chunks(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask,
-                                               chunk_size)
+    rows, chunk, ws = _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size)
+    sw, sb, tw, tb = as_fp32(s_weight), as_fp32(s_bias), as_fp32(t_weight), as_fp32(t_bias)
     out = torch.zeros(3, s_hidden.shape[0], dtype=torch.float32, device=s_hidden.device)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
-        zs = chunk_logits(s_hidden[idx], sw, sb, temperature)
-        zt = chunk_logits(t_hidden[idx], tw, tb, temperature)
-        kl, s_lse, t_lse, _ = divergence_and_grad(zs, zt, kind, beta, need_grad=False)
+        kl, s_lse, t_lse, _ = _kl_chunk(ws, idx, s_hidden, sw, sb, t_hidden, tw, tb, temperature, kind, beta, False)
         out[0, idx], out[1, idx], out[2, idx] = kl, s_lse, t_lse
     return out[0], out[1], out[2]
 
@@ -214,15 +256,12 @@ def kl_forward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, *, 
 def kl_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, s_lse, t_lse, kl, grad_kl, *,
                 kind="reverse", beta=0.5, temperature=1.0, chunk_size=None, needs=(True, True, True)):
     """Student gradients of ``sum(grad_kl * kl)`` by recomputing both models' logits chunk by chunk."""
-    rows, chunk, (sw, sb, tw, tb) = _kl_chunks(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask,
-                                               chunk_size)
-    grads = _grad_buffers(s_hidden, s_weight, s_bias, needs)
+    rows, chunk, ws = _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size)
+    sw, sb, tw, tb = as_fp32(s_weight), as_fp32(s_bias), as_fp32(t_weight), as_fp32(t_bias)
+    grads = grad_buffers(s_hidden, s_weight, s_bias, needs)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
-        h = s_hidden[idx]
-        zs = chunk_logits(h, sw, sb, temperature)
-        zt = chunk_logits(t_hidden[idx], tw, tb, temperature)
-        _, _, _, dz = divergence_and_grad(zs, zt, kind, beta, need_grad=True)
+        _, _, _, dz = _kl_chunk(ws, idx, s_hidden, sw, sb, t_hidden, tw, tb, temperature, kind, beta, True)
         dz *= grad_kl[idx].float()[:, None] / temperature
-        _accumulate_grads(dz, h, s_weight, idx, *grads)
-    return _finish_grads(s_weight, s_bias, *grads)
+        accumulate_grads(dz, s_hidden[idx], sw, idx, *grads)
+    return finish_grads(s_weight, s_bias, *grads)

@@ -15,7 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .chunked import _accumulate_grads, _finish_grads, _fp32, _grad_buffers, chunk_logits, default_chunk_size
+from .chunked import (Workspace, accumulate_grads, as_fp32, chunk_logits, default_chunk_size, finish_grads,
+                      grad_buffers, log_softmax_, rowdot)
 
 __all__ = ["TeacherInputs", "FusedLossParams", "FusedPolicyLoss", "STAT_ROWS"]
 
@@ -42,21 +43,21 @@ class FusedLossParams:
     need_entropy: bool = False
 
 
-def _rowdot(a, b):
-    """Row-wise dot product of two ``(c, V)`` tensors without a ``(c, V)`` temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+def _teacher_chunk(ws, teacher, tw32, tb32, idx, targets, temperature, keep_logq):
+    """Teacher log-prob of the targets for one chunk; with ``keep_logq`` also the teacher's ``(c, V)`` log-probs.
 
-
-def _teacher_chunk(teacher, tw32, tb32, idx, targets, temperature, keep_logq):
-    """Teacher log-prob of the targets for one chunk, and the teacher's ``(c, V)`` log-probs when ``keep_logq``."""
+    Without ``keep_logq`` the teacher's logits go through the student's buffer "z", which the student then
+    overwrites: a k1/k2/k3 step needs one vocabulary-sized buffer in all (two with the entropy), the exact KL three.
+    """
     if teacher.hidden is None:
         return teacher.logprobs[idx].float(), None
-    zt = chunk_logits(teacher.hidden[idx], tw32, tb32, temperature)
-    zt -= torch.logsumexp(zt, dim=1, keepdim=True)
-    t = zt.gather(1, targets[:, None]).squeeze(1)
-    if teacher.logprobs is not None:  # precomputed log-probs win for t; the full row is still used for the KL
+    n = idx.numel()
+    logq = log_softmax_(chunk_logits(teacher.hidden[idx], tw32, tb32, temperature,
+                                     out=ws.take("zt" if keep_logq else "z", n)))
+    t = logq.gather(1, targets[:, None]).squeeze(1)
+    if teacher.logprobs is not None:  # precomputed log-probs win for t; the full row still serves the exact KL
         t = teacher.logprobs[idx].float()
-    return t, (zt if keep_logq else None)
+    return t, (logq if keep_logq else None)
 
 
 def _objective_grads(params, idx, s, t, kl):
@@ -83,45 +84,48 @@ class FusedPolicyLoss(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, teacher: TeacherInputs, params: FusedLossParams):
         n = hidden.shape[0]
         needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
-        grads = _grad_buffers(hidden, weight, bias, needs)
+        grads = grad_buffers(hidden, weight, bias, needs)
         stats = torch.zeros(len(STAT_ROWS), n, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w32, b32 = _fp32(weight), _fp32(bias)
-        tw32, tb32 = _fp32(teacher.weight), _fp32(teacher.bias)
-        chunk = params.chunk_size or default_chunk_size(weight.shape[0], max(n, 1))
+        w32, b32 = as_fp32(weight), as_fp32(bias)
+        tw32, tb32 = as_fp32(teacher.weight), as_fp32(teacher.bias)
+        has_teacher = teacher.hidden is not None or teacher.logprobs is not None
+        n_buffers = 3 if params.need_exact_kl else (2 if params.need_entropy else 1)
+        chunk = params.chunk_size or default_chunk_size(weight.shape[0], max(n, 1), n_buffers)
+        ws = Workspace(chunk, weight.shape[0], hidden.device)
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(start + chunk, n), device=hidden.device)
             tgt = targets[idx]
-            t, logq = (_teacher_chunk(teacher, tw32, tb32, idx, tgt, params.temperature, params.need_exact_kl)
-                       if (teacher.hidden is not None or teacher.logprobs is not None) else (None, None))
+            t, logq = (_teacher_chunk(ws, teacher, tw32, tb32, idx, tgt, params.temperature, params.need_exact_kl)
+                       if has_teacher else (None, None))
             h = hidden[idx]
-            logp = chunk_logits(h, w32, b32, params.temperature)
-            logp -= torch.logsumexp(logp, dim=1, keepdim=True)
+            logp = log_softmax_(chunk_logits(h, w32, b32, params.temperature, out=ws.take("z", idx.numel())))
             s = logp.gather(1, tgt[:, None]).squeeze(1)
-            p = logp.exp()
+            # p needs its own buffer only when log p is still needed (exact KL, entropy); else it overwrites log p.
+            keep_logp = params.need_exact_kl or params.need_entropy
+            p = torch.exp(logp, out=ws.take("p", idx.numel())) if keep_logp else logp.exp_()
             kl = None
             if params.need_exact_kl:
                 diff = logq.neg_().add_(logp)  # log p - log q, in the teacher's buffer
-                kl = _rowdot(p, diff)
+                kl = rowdot(p, diff)
                 stats[2, idx] = kl
             if params.need_entropy:
-                stats[3, idx] = -_rowdot(p, logp)
+                stats[3, idx] = -rowdot(p, logp)
             value, g_s, g_kl = _objective_grads(params, idx, s, t, kl)
             loss += value
             stats[0, idx] = s
             if t is not None:
                 stats[1, idx] = t
             # dL/dz = g_s * (onehot - p) [+ g_kl * p * (log p - log q - KL)], all over the temperature.
-            dz = torch.mul(p, -g_s[:, None], out=logp)
+            dz = torch.mul(p, -g_s[:, None], out=logp) if keep_logp else p.mul_(-g_s[:, None])
             if g_kl is not None:
                 dz += diff.sub_(kl[:, None]).mul_(p).mul_(g_kl[:, None])
-            del p
             dz.scatter_add_(1, tgt[:, None], g_s[:, None])
             if params.temperature != 1.0:
                 dz /= params.temperature
             if any(needs):
-                _accumulate_grads(dz, h, weight, idx, *grads)
-        grad_hidden, grad_weight, grad_bias = _finish_grads(weight, bias, *grads)
+                accumulate_grads(dz, h, w32, idx, *grads)
+        grad_hidden, grad_weight, grad_bias = finish_grads(weight, bias, *grads)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(stats)
         return loss, stats
@@ -129,5 +133,7 @@ class FusedPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        if bool(grad_loss == 1):  # the usual loss.backward(): skip a full pass over the (V, d) gradient
+            return grad_hidden, grad_weight, grad_bias, None, None, None
         scale = (lambda g: None if g is None else g * grad_loss.to(g.dtype))
         return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None

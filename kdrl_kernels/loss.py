@@ -164,6 +164,8 @@ class KDRLLoss(torch.nn.Module):
             t = t if (teacher.hidden is not None or teacher.logprobs is not None) else None
         else:
             loss, s, t, kl, ent = _composed_loss(cfg, backend, objective, h, weight, bias, tgt, teacher, need_exact)
+        V.check_outputs_finite((loss, s, t, kl), hidden=hidden, weight=weight, bias=bias,
+                               teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
         metrics = _metrics(cfg, loss, beta, s.detach(), t, kl if need_exact else None,
                            ent if cfg.compute_entropy else None, old, pick(adv), pick(w_pg), pick(w_kd))
         return loss, metrics
@@ -220,15 +222,14 @@ def _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, te
         raise ValueError(f"teacher_hidden must have shape ({b}, {t}, d_t), got {tuple(teacher_hidden.shape)}")
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, mask=mask, old_logprobs=old_logprobs,
                         teacher_hidden=teacher_hidden, teacher_logprobs=teacher_logprobs)
-    V.check_finite(hidden=hidden, weight=weight, old_logprobs=old_logprobs, teacher_hidden=teacher_hidden,
-                   teacher_logprobs=teacher_logprobs)
+    V.check_finite(old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs)  # (B, T): cheap
 
 
 def _metrics(cfg, loss, beta, s, t, kl, ent, old, adv, w_pg, w_kd):
     """Floats for logging, computed from the per-token statistics without gradients (one host sync)."""
     n = s.numel()
     if n == 0:
-        return {"loss": float(loss), "num_tokens": 0.0, "beta": beta}
+        return {"loss": float(loss.detach()), "num_tokens": 0.0, "beta": float(beta)}
     with torch.no_grad():
         pg, kd = token_losses(s, t, old, adv, kl, cfg, beta)
         log_ratio = s - (s if old is None else old)

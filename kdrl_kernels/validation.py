@@ -52,10 +52,24 @@ def check_targets(targets, vocab, ignore_index):
 
 
 def check_finite(**tensors):
-    """NaN or inf in an input would silently poison every logsumexp of its chunk: refuse it up front."""
+    """Raise naming the first input that holds NaN or inf (a full pass over each: call it on small inputs)."""
     for name, t in tensors.items():
         if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_outputs_finite(outputs, **inputs):
+    """Refuse non-finite results, naming the input responsible.
+
+    Any NaN/inf in hidden states or weights reaches every logsumexp it touches, so checking the ``(N,)`` outputs
+    catches it at ``O(N)`` cost instead of scanning the ``(V, d)`` weights on every call; only when something is
+    wrong are the inputs scanned to say which one.
+    """
+    if all(bool(torch.isfinite(o).all()) for o in outputs if o is not None):
+        return
+    check_finite(**inputs)
+    raise ValueError("the result is not finite although every input is: the logits overflow float32 "
+                     "(check the scale of hidden states and weights, or raise the temperature)")
 
 
 def check_temperature(temperature):
