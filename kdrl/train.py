@@ -198,14 +198,18 @@ class Trainer:
         return gen
 
     @torch.no_grad()
-    def rollout_weights(self) -> dict[str, torch.Tensor]:
-        """The student's current weights under the plain model's names (LoRA adapters merged in)."""
+    def rollout_weights(self, changed_only: bool = False) -> dict[str, torch.Tensor]:
+        """The student's current weights under the plain model's names (LoRA adapters merged in).
+
+        ``changed_only``: with LoRA, only the adapted layers' merged weights (the rest never changes).
+        """
         if not self.cfg.model.lora_rank:
             return self.model.state_dict()
         self.model.merge_adapter()  # W + scale * B @ A, written into the base layers
         try:
             state = self.model.get_base_model().state_dict()
-            return {k.replace(".base_layer.", "."): v.clone() for k, v in state.items() if "lora_" not in k}
+            return {k.replace(".base_layer.", "."): v.clone() for k, v in state.items()
+                    if "lora_" not in k and (".base_layer." in k or not changed_only)}
         finally:
             self.model.unmerge_adapter()
 
@@ -286,12 +290,11 @@ class Trainer:
                     teacher_hidden=None if t_hidden is None else t_hidden[rows], teacher_weight=t_weight,
                     old_logprobs=None if old is None else old[rows], step=opt_step,
                     after_backward=self.master.accumulate)
-            for key, value in m.items():
-                sums[key] = sums.get(key, 0.0) + value / n_updates
             with timer("optimizer"):
-                sums["grad_norm"] = sums.get("grad_norm", 0.0) + self._optimizer_step(opt_step) / n_updates
-        with timer("weight_sync"):
-            self.generator.update_weights(self.rollout_weights())
+                m["grad_norm"] = self._optimizer_step(opt_step)
+            _merge(sums, m, 1.0 / n_updates)
+        with timer("weight_sync"):  # the hf generator takes a partial state dict: only what LoRA changed
+            self.generator.update_weights(self.rollout_weights(changed_only=cfg.rollout.backend == "hf"))
         self.step += 1
         metrics = {**rollout_metrics(batch), **sums, "lr": self.optimizer.param_groups[0]["lr"]}
         metrics.update({f"time_{k}": v for k, v in timer.items()})

@@ -75,3 +75,13 @@ def test_lora_run_syncs_merged_weights_and_exports_a_loadable_model(pair, tmp_pa
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, trainer.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_two_updates_per_rollout_clip_against_the_rollout_policy(pair, tmp_path):
+    cfg = load_config(None, settings(pair, tmp_path / "ppo", steps=1) + [
+        "optim.updates_per_rollout=2", "optim.micro_batch_size=4", "optim.lr=3e-2"])
+    (metrics,) = Trainer(cfg).run()
+    assert metrics["time_old_logprobs"] > 0
+    # On-policy the first mini-batch's ratio is exactly 1; the second is scored after the first update (by the
+    # KD term: a random tiny model earns no reward), so its ratio to the rollout policy moved off 1.
+    assert metrics["ratio_min"] < 1.0 < metrics["ratio_max"]
