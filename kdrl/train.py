@@ -118,6 +118,17 @@ def backward_microbatches(model, loss_fn: KDRLLoss, batch: RolloutBatch, *, micr
     return sums
 
 
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of tensors that share storage (tied embeddings / lm_head): safetensors refuses aliases,
+    and loaders of tied models take the embedding alone."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor
+    return out
+
+
 def _merge(sums: dict, metrics: dict, scale: float) -> None:
     """Fold one micro-batch's loss metrics into the step's: shares-weighted means, summed counts, min/max."""
     for key, value in metrics.items():
@@ -204,7 +215,7 @@ class Trainer:
         ``changed_only``: with LoRA, only the adapted layers' merged weights (the rest never changes).
         """
         if not self.cfg.model.lora_rank:
-            return self.model.state_dict()
+            return _untied(self.model.state_dict())
         self.model.merge_adapter()  # W + scale * B @ A, written into the base layers
         try:
             state = self.model.get_base_model().state_dict()

@@ -62,9 +62,11 @@ def test_resume_after_interruption_continues_exactly(pair, tmp_path, monkeypatch
 def test_lora_run_syncs_merged_weights_and_exports_a_loadable_model(pair, tmp_path):
     from transformers import AutoModelForCausalLM
     out = tmp_path / "lora"
-    trainer = Trainer(load_config(None, settings(pair, out, steps=1) + ["model.lora_rank=4", "optim.lr=1e-2",
-                                                                        "model.dtype=float32"]))
-    trainer.run()
+    trainer = Trainer(load_config(None, settings(pair, out, steps=1) + [
+        "model.lora_rank=4", "optim.lr=1e-2", "model.dtype=float32",
+        "run.eval_every=1", "run.eval_limit=3", "run.eval_max_new_tokens=4"]))
+    (metrics,) = trainer.run()
+    assert metrics["eval_accuracy"] == 0.0 and 0 < metrics["eval_len_mean"] <= 4  # a random model, 4 tokens
     weights = trainer.rollout_weights()
     assert not any("lora_" in k or "base_layer" in k for k in weights)
     gen_state = trainer.generator.model.state_dict()
