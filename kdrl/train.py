@@ -213,16 +213,21 @@ class Trainer:
         """The student's current weights under the plain model's names (LoRA adapters merged in).
 
         ``changed_only``: with LoRA, only the adapted layers' merged weights (the rest never changes).
+        Merging is out of place, ``W + scale * B @ A`` in fp32: peft's in-place merge/unmerge would round the
+        bf16 base weights a little more on every step.
         """
         if not self.cfg.model.lora_rank:
             return _untied(self.model.state_dict())
-        self.model.merge_adapter()  # W + scale * B @ A, written into the base layers
-        try:
-            state = self.model.get_base_model().state_dict()
-            return {k.replace(".base_layer.", "."): v.clone() for k, v in state.items()
-                    if "lora_" not in k and (".base_layer." in k or not changed_only)}
-        finally:
-            self.model.unmerge_adapter()
+        from peft.tuners.lora import LoraLayer
+        base = self.model.get_base_model()
+        state = {} if changed_only else {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
+                                         if "lora_" not in k}
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                w = module.get_base_layer().weight
+                delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+                state[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
+        return _untied(state)
 
     # ---- one step -------------------------------------------------------------------------------------------
     def prompts(self, problems) -> list[str]:

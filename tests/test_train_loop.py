@@ -73,6 +73,8 @@ def test_lora_run_syncs_merged_weights_and_exports_a_loadable_model(pair, tmp_pa
     start = AutoModelForCausalLM.from_pretrained(pair[0], dtype=torch.float32).state_dict()
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.equal(gen_state[name], weights[name]) and not torch.equal(weights[name], start[name])
+    frozen = trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(frozen, start[name])  # merging for the generator left the frozen base untouched
     exported = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
