@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -190,6 +191,8 @@ class Trainer:
                 r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, target_modules="all-linear"))
         if cfg.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+            if cfg.model.lora_rank:  # frozen embeddings: checkpointed blocks still need an input that wants grad
+                self.model.enable_input_require_grads()
         self.model.train()
         trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         low_precision = next(iter(trainable.values())).dtype != torch.float32
@@ -315,6 +318,7 @@ class Trainer:
         metrics = {**rollout_metrics(batch), **sums, "lr": self.optimizer.param_groups[0]["lr"]}
         metrics.update({f"time_{k}": v for k, v in timer.items()})
         metrics["time_step"] = time.perf_counter() - t_start
+        metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
         return metrics
 
     def _optimizer_step(self, opt_step: int) -> float:
