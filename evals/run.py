@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=str(REPO / "runs" / "evals"))
     p.add_argument("--run-name", default=None, help="default: derived from the model and settings")
     p.add_argument("--baseline", default=None, help="run name in --output-dir to compare accuracy and length with")
+    p.add_argument("--regrade", action="store_true", help="grade the stored samples again (after a grader change)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     kw = {"batch_size": args.batch_size} if backend == "hf" else {"seed": args.seed}
     generator = make_generator(args.model, backend=backend, dtype=args.dtype, progress=not args.no_progress, **kw)
     load_seconds = time.monotonic() - t0
-    scores = evaluate_tasks(generator, tasks, settings, store, progress=not args.no_progress)
+    scores = evaluate_tasks(generator, tasks, settings, store, progress=not args.no_progress, regrade=args.regrade)
     results = {"run_name": run_name, "model": args.model, "model_path": str(generator.model_path),
                "backend": backend, "dtype": args.dtype, "settings": config, "tasks_requested": tasks,
                "generator": generator.info(), **provenance(),

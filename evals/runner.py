@@ -52,8 +52,23 @@ def _records(task: str, problem, prompt: str, completions, missing: list[int]) -
     return out
 
 
-def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore, progress: bool = True) -> dict:
-    """Generate and grade whatever is missing for `task`, then return its metrics plus timing."""
+def _regrade(task: str, store: RunStore, timeout: float, progress: bool) -> int:
+    """Grade every stored sample of `task` again with the current grader; returns how many verdicts changed."""
+    records = store.load(task)
+    verdicts = grade_many([r["response"] for r in records], [r["gold"] for r in records], timeout=timeout,
+                          progress=f"regrade {task}" if progress else False)
+    changed = 0
+    for r, ok in zip(records, verdicts):
+        changed += r["correct"] != ok
+        r["correct"], r["extracted"] = ok, extract_answer(r["response"])
+    store.rewrite(task, records)
+    return changed
+
+
+def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore, progress: bool = True,
+                  regrade: bool = False) -> dict:
+    """Generate and grade whatever is missing for `task`, then return its metrics plus timing.
+    regrade: also grade the samples already on disk again (after a grader change)."""
     n = settings.sampling.n
     problems = load_task(task, limit=settings.limit)
     wanted = {p.id for p in problems}
@@ -63,7 +78,7 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
     sampling = settings.sampling
     if settings.prompt_style == "fewshot" and not sampling.stop:
         sampling = SamplingConfig(**{**asdict(sampling), "stop": ("Question:",)})  # the next few-shot item
-    gen_seconds, gen_tokens = 0.0, 0
+    new_samples = 0
     bar = tqdm(total=len(problems) * n, initial=len(have), desc=task, unit="sample", disable=not progress)
     for start in range(0, len(todo), settings.chunk_size):
         chunk = todo[start:start + settings.chunk_size]
@@ -71,30 +86,36 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
                    for p in chunk]
         t0 = time.monotonic()
         completions = generator.generate(prompts, sampling, progress="generate" if progress else False)
-        gen_seconds += time.monotonic() - t0
+        seconds = time.monotonic() - t0
         records = []
         for p, prompt, comps in zip(chunk, prompts, completions):
             missing = [j for j in range(n) if (p.id, j) not in have]
             records += _records(task, p, prompt, comps, missing)
-        gen_tokens += sum(r["tokens"] for r in records)
         verdicts = grade_many([r["response"] for r in records], [r["gold"] for r in records],
                               timeout=settings.grade_timeout, progress="grade" if progress else False)
         for r, ok in zip(records, verdicts):
             r["correct"] = ok
         store.append(task, records)
+        store.add_timing(task, len(records), seconds, sum(r["tokens"] for r in records))
+        new_samples += len(records)
         bar.update(len(records))
     bar.close()
+    changed = _regrade(task, store, settings.grade_timeout, progress) if regrade else None
     records = [r for r in store.load(task) if r["id"] in wanted]
     metrics = task_metrics(records)
-    metrics["generation"] = {"new_samples": len(todo) * n, "seconds": round(gen_seconds, 2), "tokens": gen_tokens,
-                             "tokens_per_second": round(gen_tokens / gen_seconds, 2) if gen_seconds else None}
+    if changed is not None:
+        metrics["regrade_changed_verdicts"] = changed
+    total = store.timing(task)  # over every invocation of this run
+    metrics["generation"] = {"new_samples": new_samples, "samples": total["samples"], "seconds": total["seconds"],
+                             "tokens": total["tokens"],
+                             "tokens_per_second": round(total["tokens"] / total["seconds"], 2) if total["seconds"] else None}
     return metrics
 
 
 def evaluate_tasks(generator, tasks: list[str], settings: EvalSettings, store: RunStore,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, regrade: bool = False) -> dict:
     """{"tasks": {task: metrics}, "average": metrics averaged over the tasks}."""
     per_task = {}
     for task in tasks:
-        per_task[task] = evaluate_task(generator, task, settings, store, progress)
+        per_task[task] = evaluate_task(generator, task, settings, store, progress, regrade)
     return {"tasks": per_task, "average": average_metrics(per_task)}

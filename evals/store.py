@@ -25,6 +25,7 @@ class RunStore:
     def check_config(self, config: dict) -> None:
         """Write config.json on the first start; on a resume, refuse settings that differ from the stored ones."""
         path = self.dir / "config.json"
+        config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
         if path.exists():
             stored = json.loads(path.read_text())
             diff = {k: (stored.get(k), config.get(k)) for k in set(stored) | set(config) if stored.get(k) != config.get(k)}
@@ -68,6 +69,29 @@ class RunStore:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+    def add_timing(self, task: str, samples: int, seconds: float, tokens: int) -> dict:
+        """Accumulate generation time over invocations (timing.json), so a resumed run reports the throughput of
+        all its generation, not only of the last invocation. Returns the task's totals."""
+        path = self.dir / "timing.json"
+        timing = json.loads(path.read_text()) if path.exists() else {}
+        t = timing.setdefault(task, {"samples": 0, "seconds": 0.0, "tokens": 0})
+        t["samples"] += samples
+        t["seconds"] = round(t["seconds"] + seconds, 3)
+        t["tokens"] += tokens
+        self.write_json("timing.json", timing)
+        return t
+
+    def timing(self, task: str) -> dict:
+        path = self.dir / "timing.json"
+        timing = json.loads(path.read_text()) if path.exists() else {}
+        return timing.get(task, {"samples": 0, "seconds": 0.0, "tokens": 0})
+
+    def rewrite(self, task: str, records: list[dict]) -> None:
+        """Replace a task's samples atomically (used to re-grade stored samples with a newer grader)."""
+        tmp = self.path(task).with_suffix(".rewrite")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        tmp.replace(self.path(task))
 
     def write_json(self, name: str, obj: dict) -> Path:
         path = self.dir / name

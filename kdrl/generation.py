@@ -139,7 +139,10 @@ class HFGenerator:
                 state.update(load_file(f))
             if not state:
                 raise ValueError(f"update_weights: no *.safetensors files in {state_dict_or_dir}")
-        self.model.load_state_dict(state, strict=False)
+        # Partial updates are fine (missing keys keep their weights); names the model lacks mean a wrong dict.
+        unexpected = self.model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"update_weights: keys not in the model: {unexpected[:5]}")
 
     def info(self) -> dict:
         import transformers

@@ -15,7 +15,7 @@ import re
 
 from kdrl.verify_pool import VerifierPool, shared_pool
 
-__all__ = ["extract_answer", "extract_boxed", "grade", "grade_many", "normalize_answer", "quick_match"]
+__all__ = ["extract_answer", "extract_boxed", "grade", "grade_many", "normalize_answer", "quick_match", "sci_to_latex"]
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_IS = re.compile(r"the (?:final )?answer is[:\s]*", re.IGNORECASE)
@@ -97,8 +97,23 @@ def normalize_answer(ans: str) -> str:
     return s
 
 
+_SCI = re.compile(r"(-?\d+(?:\.\d+)?)[eE]([+-]?\d+)")
+_SCI_LATEX = re.compile(r"(-?\d+(?:\.\d+)?)(?:\\times|\\cdot)10\^\{?([+-]?\d+)\}?")
+
+
+def sci_to_latex(ans: str) -> str:
+    """`8.7e8` -> `8.7 \\times 10^{8}`: 35 Minerva golds use e-notation, which Math-Verify's LaTeX parser does not
+    read as a number (it would compare it with `8.7 \\times 10^{8}` as unequal)."""
+    m = _SCI.fullmatch(ans.strip().strip("$").strip())
+    return f"{m.group(1)} \\times 10^{{{int(m.group(2))}}}" if m else ans
+
+
 def _as_number(s: str) -> float | None:
-    """Value of a plain decimal, `a/b` or `\\frac{a}{b}` string (already normalised), else None."""
+    """Value of a plain decimal, `a/b`, `\\frac{a}{b}`, `1e5` or `1\\times10^{5}` string (already normalised),
+    else None."""
+    m = _SCI.fullmatch(s) or _SCI_LATEX.fullmatch(s)
+    if m:
+        return float(m.group(1)) * 10.0 ** int(m.group(2))
     m = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", s) or re.fullmatch(r"(-?)(\d+)/(\d+)", s)
     if m:
         den = float(m.group(3))
@@ -148,7 +163,8 @@ def grade_many(responses: list[str], golds: list[str], *, timeout: float = 3.0, 
             pending.append((i, pred, gold))
     if pending:
         pool = pool or shared_pool()
-        results = pool.verify_many([(p, g) for _, p, g in pending], timeout=timeout, progress=progress)
+        pairs = [(sci_to_latex(p), sci_to_latex(g)) for _, p, g in pending]
+        results = pool.verify_many(pairs, timeout=timeout, progress=progress)
         for (i, _, _), ok in zip(pending, results):
             verdicts[i] = ok
     return verdicts

