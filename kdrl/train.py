@@ -88,13 +88,13 @@ _SHARES = {"token_mean": lambda m: float(m.sum()), "seq_mean": lambda m: float((
 
 
 def backward_microbatches(model, loss_fn: KDRLLoss, batch: RolloutBatch, *, micro_batch_size: int,
-                          teacher_hidden=None, teacher_weight=None, old_logprobs=None, step: int | None = None,
-                          after_backward=None) -> dict:
+                          teacher_hidden=None, teacher_weight=None, teacher_logprobs=None, old_logprobs=None,
+                          step: int | None = None, after_backward=None) -> dict:
     """Forward/backward ``batch`` in micro-batches; the summed gradient equals that of the loss on the whole batch.
 
     ``KDRLLoss`` normalises each call by its own rows (tokens, sequences or B * T, per ``aggregation``), so each
-    micro-loss is scaled by its share of the batch's normaliser before backward. ``teacher_hidden (B, T, d_t)``
-    and ``old_logprobs (B, T)`` are sliced along with the batch. ``after_backward()`` runs after each backward
+    micro-loss is scaled by its share of the batch's normaliser before backward. ``teacher_hidden (B, T, d_t)``,
+    ``teacher_logprobs (B, T)`` and ``old_logprobs (B, T)`` are sliced along with the batch. ``after_backward()`` runs after each backward
     (the fp32 master accumulation). Returns the batch's loss metrics (share-weighted means).
     """
     share = _SHARES[loss_fn.config.aggregation]
@@ -111,6 +111,7 @@ def backward_microbatches(model, loss_fn: KDRLLoss, batch: RolloutBatch, *, micr
             advantages=part.advantages, correct=part.correct, group_ids=part.group_ids,
             old_logprobs=None if old_logprobs is None else old_logprobs[rows],
             teacher_hidden=None if teacher_hidden is None else teacher_hidden[rows],
+            teacher_logprobs=None if teacher_logprobs is None else teacher_logprobs[rows],
             teacher_weight=teacher_weight, step=step)
         (loss * scale).backward()
         if after_backward is not None:
@@ -265,12 +266,31 @@ class Trainer:
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     @torch.no_grad()
-    def teacher_hidden(self, batch: RolloutBatch) -> torch.Tensor | None:
-        """``(B, T, d_t)`` teacher hidden states for the sampled tokens, computed in micro-batches."""
+    def teacher_signal(self, batch: RolloutBatch) -> dict:
+        """The teacher's view of the sampled tokens, for ``KDRLLoss``, computed in micro-batches without logits.
+
+        The exact KL needs the teacher's distribution over the vocabulary at every token, so then its hidden states
+        ``(B, T, d_t)`` (+ lm_head weight) are kept; otherwise only its log-probs ``(B, T)`` float32, which frees the
+        hidden states at once and keeps the teacher's fp32 lm_head out of the student's backward (less memory).
+        """
         if self.teacher is None:
-            return None
-        mb = self.cfg.optim.micro_batch_size
-        return torch.cat([hidden_states(self.teacher, batch.rows(i, i + mb)) for i in range(0, len(batch), mb)])
+            return {}
+        from kdrl_kernels import fused_linear_logprobs
+        lc, mb = self.loss_fn.config, self.cfg.optim.micro_batch_size
+        weight = self.teacher.get_output_embeddings().weight
+        parts = [batch.rows(i, i + mb) for i in range(0, len(batch), mb)]
+        if lc.log_exact_kl or (lc.kl_estimator == "exact" and lc.objective in ("kd", "kdrl")):
+            return {"teacher_hidden": torch.cat([hidden_states(self.teacher, p) for p in parts]),
+                    "teacher_weight": weight}
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if weight.shape[0] != vocab:
+            if not (weight.shape[0] > vocab and lc.truncate_teacher_vocab):
+                raise ValueError(f"teacher lm_head has {weight.shape[0]} rows, the student's {vocab}: set "
+                                 "loss.truncate_teacher_vocab=true if the extra teacher rows are padding")
+            weight = weight[:vocab]
+        return {"teacher_logprobs": torch.cat([
+            fused_linear_logprobs(hidden_states(self.teacher, p), weight, p.targets.masked_fill(~p.mask, -100))
+            for p in parts])}
 
     @torch.no_grad()
     def old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
@@ -290,13 +310,12 @@ class Trainer:
         t_start = time.perf_counter()
         batch = self.rollout(timer)
         with timer("teacher"):
-            t_hidden = self.teacher_hidden(batch)
+            teacher = self.teacher_signal(batch)
         old = None
         n_updates = cfg.optim.updates_per_rollout
         if n_updates > 1:  # later mini-batches are off-policy: anchor the ratio at the rollout policy
             with timer("old_logprobs"):
                 old = self.old_logprobs(batch)
-        t_weight = None if self.teacher is None else self.teacher.get_output_embeddings().weight
         size = len(batch) // n_updates
         sums: dict[str, float] = {}
         for u in range(n_updates):
@@ -306,7 +325,7 @@ class Trainer:
             with timer("student_fwd_bwd"):
                 m = backward_microbatches(
                     self.model, self.loss_fn, mini, micro_batch_size=cfg.optim.micro_batch_size,
-                    teacher_hidden=None if t_hidden is None else t_hidden[rows], teacher_weight=t_weight,
+                    **{k: v if k == "teacher_weight" else v[rows] for k, v in teacher.items()},
                     old_logprobs=None if old is None else old[rows], step=opt_step,
                     after_backward=self.master.accumulate)
             with timer("optimizer"):

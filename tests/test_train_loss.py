@@ -129,3 +129,19 @@ def test_master_weights_accumulate_in_fp32_and_publish_bf16(pair):
     name = "model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(before[name], master.params[name])
     assert torch.equal(params[name], master.params[name].to(torch.bfloat16))
+
+
+def test_teacher_logprobs_and_teacher_hidden_give_the_same_update(pair):
+    """The trainer passes precomputed teacher log-probs unless the exact KL is wanted: same loss, same gradient."""
+    student, teacher, batch = load(pair[0]), load(pair[1]), fixed_batch(seed=2)
+    with torch.no_grad():
+        t_hidden = hidden_states(teacher, batch)
+    loss_fn = KDRLLoss(KDRLConfig(objective="kdrl", beta=0.5))
+    runs = []
+    for teacher_inputs in ({"teacher_hidden": t_hidden, "teacher_weight": teacher.lm_head.weight},
+                           {"teacher_logprobs": seq_logprobs(teacher, batch)}):
+        student.zero_grad()
+        m = backward_microbatches(student, loss_fn, batch, micro_batch_size=3, step=0, **teacher_inputs)
+        runs.append((m["loss"], torch.cat([p.grad.flatten() for p in student.parameters()])))
+    assert abs(runs[0][0] - runs[1][0]) < 1e-6
+    torch.testing.assert_close(runs[1][1], runs[0][1], atol=1e-6, rtol=1e-4)
