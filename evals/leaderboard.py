@@ -107,6 +107,7 @@ def plot_scatter(runs: list[dict], path: str | Path) -> Path:
         ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="gray",
                 linestyle="--", label="Pareto front")
         ax.legend(loc="lower right", fontsize=8)
+    ax.margins(x=0.25, y=0.1)  # room for the labels right of the points
     ax.set_xlabel("mean response tokens (average over tasks)")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title("Accuracy vs response length")

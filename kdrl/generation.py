@@ -51,6 +51,18 @@ def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def _unshared(state: dict) -> dict:
+    """Contiguous CPU tensors, copying those that share storage with an earlier one (tied embeddings):
+    safetensors refuses shared tensors."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
+    return out
+
+
 def vllm_available() -> bool:
     import importlib.util
     return importlib.util.find_spec("vllm") is not None
@@ -190,7 +202,7 @@ class VLLMGenerator:
         else:
             from safetensors.torch import save_file
             with tempfile.TemporaryDirectory() as d:
-                save_file({k: v.contiguous() for k, v in state_dict_or_dir.items()}, f"{d}/model.safetensors")
+                save_file(_unshared(state_dict_or_dir), f"{d}/model.safetensors")
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": d})
         self.llm.reset_prefix_cache()
 
