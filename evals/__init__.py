@@ -1,0 +1,1 @@
+"""Math evaluation harness: `python evals/run.py --tasks math`. See evals/README.md."""

@@ -1,0 +1,168 @@
+"""Leaderboard over every run in an output directory: Markdown table, static HTML page, PNG accuracy-vs-tokens
+scatter with the Pareto front.
+
+    python evals/leaderboard.py [--dir runs/evals]
+
+Rows are runs (a model under one setting); columns the tasks in leaderboard order, the average and the mean
+response tokens; cells are accuracy ± standard error in percent. Averages are over the tasks a run has, so
+compare rows with the same task set (the "tasks" column says how many).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from evals.tasks import TASKS  # noqa: E402
+
+__all__ = ["load_runs", "markdown_table", "html_page", "plot_scatter", "pareto_front", "write_leaderboard"]
+
+
+def load_runs(out_dir: str | Path) -> list[dict]:
+    """Every `<run>/results.json` under out_dir, sorted by average accuracy (best first)."""
+    runs = []
+    for path in sorted(Path(out_dir).glob("*/results.json")):
+        try:
+            runs.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+    return sorted(runs, key=lambda r: -r["average"]["accuracy"])
+
+
+def _columns(runs: list[dict]) -> list[str]:
+    present = {t for r in runs for t in r["tasks"]}
+    return [t for t in TASKS if t in present]
+
+
+def _setting(run: dict) -> str:
+    s = run["settings"]["sampling"]
+    mode = "greedy" if s["temperature"] == 0 else f"T={s['temperature']:g}, top-p={s['top_p']:g}, n={s['n']}"
+    limit = run["settings"].get("limit")
+    return f"{run['backend']}, {mode}, {s['max_new_tokens']} tok" + (f", first {limit}" if limit else "")
+
+
+def _model_label(run: dict) -> str:
+    """Registry names and hub ids as given; a local directory by its last component."""
+    model = run["model"]
+    return Path(model).name if model.startswith(("/", ".", "~")) else model
+
+
+def _cell(m: dict | None) -> str:
+    if m is None:
+        return "-"
+    return f"{100 * m['accuracy']:.1f} ± {100 * m['accuracy_stderr']:.1f}"
+
+
+def _rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    cols = _columns(runs)
+    header = ["model", "setting"] + [TASKS[t].label for t in cols] + ["Avg.", "tasks", "mean tokens",
+                                                                     "tokens/correct"]
+    rows = []
+    for r in runs:
+        avg = r["average"]
+        tpc = avg.get("tokens_per_correct")
+        rows.append([_model_label(r), _setting(r)] + [_cell(r["tasks"].get(t)) for t in cols]
+                    + [_cell(avg), str(avg["n_tasks"]), f"{avg['mean_tokens']:.0f}", f"{tpc:.0f}" if tpc else "-"])
+    return header, rows
+
+
+def markdown_table(runs: list[dict]) -> str:
+    header, rows = _rows(runs)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    note = ("\nAccuracy in % (± standard error over problems). Greedy runs report accuracy; sampled runs the mean "
+            "over n samples. Mean tokens: response tokens averaged over the tasks.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points (tokens, accuracy) not dominated by another (fewer-or-equal tokens and higher-or-equal
+    accuracy, strictly better in one), ordered by tokens."""
+    front = []
+    for i, (x, y) in enumerate(points):
+        dominated = any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for j, (x2, y2) in enumerate(points) if j != i)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i])
+
+
+def plot_scatter(runs: list[dict], path: str | Path) -> Path:
+    """Average accuracy against mean response tokens, one point per run, Pareto front as a step line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["average"]["mean_tokens"], 100 * r["average"]["accuracy"]) for r in runs]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for r, (x, y) in zip(runs, points):
+        ax.errorbar(x, y, yerr=100 * r["average"]["accuracy_stderr"], fmt="o", capsize=3)
+        ax.annotate(f"{_model_label(r)} ({r['backend']})", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    front = pareto_front(points)
+    if front:
+        ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="gray",
+                linestyle="--", label="Pareto front")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.margins(x=0.25, y=0.1)  # room for the labels right of the points
+    ax.set_xlabel("mean response tokens (average over tasks)")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title("Accuracy vs response length")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def html_page(runs: list[dict], png_name: str | None = "leaderboard.png") -> str:
+    header, rows = _rows(runs)
+    esc = html.escape
+    table = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    table += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+    table.append("</table>")
+    details = ["<table>", "<tr><th>run</th><th>task</th><th>accuracy</th><th>pass@k</th><th>mean tokens "
+               "(correct / incorrect)</th><th>truncated</th><th>boxed</th><th>tokens/correct</th><th>tok/s</th></tr>"]
+    for r in runs:
+        for t, m in r["tasks"].items():
+            pk = ", ".join(f"@{k}: {100 * v:.1f}" for k, v in m["pass_at_k"].items())
+            tc, ti = m["mean_tokens_correct"], m["mean_tokens_incorrect"]
+            tps = m.get("generation", {}).get("tokens_per_second")
+            tpc = m["tokens_per_correct"]
+            details.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in (
+                r["run_name"], t, _cell(m), pk, f"{m['mean_tokens']:.0f} ({tc or 0:.0f} / {ti or 0:.0f})",
+                f"{100 * m['truncation_rate']:.0f}%", f"{100 * m['boxed_rate']:.0f}%",
+                f"{tpc:.0f}" if tpc else "-", tps if tps else "-")) + "</tr>")
+    details.append("</table>")
+    img = f'<p><img src="{esc(png_name)}" alt="accuracy vs mean tokens"></p>' if png_name else ""
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>kdrl math leaderboard</title>"
+            f"<style>{style}</style></head><body><h1>Math leaderboard</h1>"
+            f"<p>Accuracy in % ± standard error over problems. Settings per row; averages over the tasks of each run."
+            f"</p>{''.join(table)}{img}<h2>Per task</h2>{''.join(details)}</body></html>\n")
+
+
+def write_leaderboard(out_dir: str | Path) -> list[Path]:
+    """Write leaderboard.md, leaderboard.html and leaderboard.png in out_dir from all its runs."""
+    out_dir = Path(out_dir)
+    runs = load_runs(out_dir)
+    if not runs:
+        raise ValueError(f"write_leaderboard: no */results.json in {out_dir}")
+    md = out_dir / "leaderboard.md"
+    md.write_text("# Math leaderboard\n\n" + markdown_table(runs))
+    png = plot_scatter(runs, out_dir / "leaderboard.png")
+    page = out_dir / "leaderboard.html"
+    page.write_text(html_page(runs, png.name))
+    return [md, page, png]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Rebuild the leaderboard from the runs in a directory")
+    parser.add_argument("--dir", default=str(Path(__file__).resolve().parents[1] / "runs" / "evals"))
+    for p in write_leaderboard(parser.parse_args().dir):
+        print(p)

@@ -1,0 +1,121 @@
+"""Evaluate one generator on a list of tasks: prompts -> generation (in chunks) -> grading -> JSONL -> metrics.
+
+Each chunk of problems is generated, graded and appended to the task's JSONL before the next chunk starts, so an
+interruption loses at most the chunk in flight, and a rerun skips every (problem, sample) already on disk.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from tqdm.auto import tqdm
+
+from evals.metrics import average_metrics, gsm8k_lm_eval_extract, gsm8k_lm_eval_match, task_metrics
+from evals.store import RunStore
+from evals.tasks import TASKS, fewshot_examples
+from kdrl.data import load_task
+from kdrl.generation import SamplingConfig
+from kdrl.grading import extract_answer, extract_boxed, grade_many
+from kdrl.prompts import BOXED_INSTRUCTION, render_prompt
+
+__all__ = ["EvalSettings", "evaluate_tasks"]
+
+
+@dataclass
+class EvalSettings:
+    sampling: SamplingConfig
+    prompt_style: str = "boxed"     # kdrl.prompts style: boxed | boxed_user | fewshot
+    num_fewshot: int = 0            # examples for the fewshot style
+    limit: int | None = None        # first `limit` problems of each task
+    chunk_size: int = 64            # problems per generation call (the resume granularity)
+    grade_timeout: float = 3.0      # seconds per (answer, gold) pair in the Math-Verify worker
+
+    def to_config(self) -> dict:
+        """What defines the run (compared on resume, recorded in results.json)."""
+        return {"sampling": asdict(self.sampling), "prompt_style": self.prompt_style,
+                "num_fewshot": self.num_fewshot if self.prompt_style == "fewshot" else 0, "limit": self.limit,
+                "grade_timeout": self.grade_timeout,
+                "instruction": BOXED_INSTRUCTION if self.prompt_style != "fewshot" else None}
+
+
+def _records(task: str, problem, prompt: str, completions, missing: list[int]) -> list[dict]:
+    out = []
+    for j in missing:
+        c = completions[j]
+        rec = {"task": task, "id": problem.id, "sample": j, "prompt": prompt, "response": c.text,
+               "extracted": extract_answer(c.text), "gold": problem.answer, "tokens": len(c.token_ids),
+               "finish_reason": c.finish_reason, "boxed": extract_boxed(c.text) is not None}
+        if TASKS[task].lm_eval_gsm8k:
+            rec["strict_extracted"], rec["flexible_extracted"] = gsm8k_lm_eval_extract(c.text)
+            rec["strict_correct"], rec["flexible_correct"] = gsm8k_lm_eval_match(c.text, problem.meta["answer_text"])
+        out.append(rec)
+    return out
+
+
+def _regrade(task: str, store: RunStore, timeout: float, progress: bool) -> int:
+    """Grade every stored sample of `task` again with the current grader; returns how many verdicts changed."""
+    records = store.load(task)
+    verdicts = grade_many([r["response"] for r in records], [r["gold"] for r in records], timeout=timeout,
+                          progress=f"regrade {task}" if progress else False)
+    changed = 0
+    for r, ok in zip(records, verdicts):
+        changed += r["correct"] != ok
+        r["correct"], r["extracted"] = ok, extract_answer(r["response"])
+    store.rewrite(task, records)
+    return changed
+
+
+def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore, progress: bool = True,
+                  regrade: bool = False) -> dict:
+    """Generate and grade whatever is missing for `task`, then return its metrics plus timing.
+    regrade: also grade the samples already on disk again (after a grader change)."""
+    n = settings.sampling.n
+    problems = load_task(task, limit=settings.limit)
+    wanted = {p.id for p in problems}
+    have = {(r["id"], r["sample"]) for r in store.load(task) if r["id"] in wanted}
+    todo = [p for p in problems if any((p.id, j) not in have for j in range(n))]
+    examples = fewshot_examples(task, settings.num_fewshot) if settings.prompt_style == "fewshot" else None
+    sampling = settings.sampling
+    if settings.prompt_style == "fewshot" and not sampling.stop:
+        sampling = SamplingConfig(**{**asdict(sampling), "stop": ("Question:",)})  # the next few-shot item
+    new_samples = 0
+    bar = tqdm(total=len(problems) * n, initial=len(have), desc=task, unit="sample", disable=not progress)
+    for start in range(0, len(todo), settings.chunk_size):
+        chunk = todo[start:start + settings.chunk_size]
+        prompts = [render_prompt(generator.tokenizer, p.question, style=settings.prompt_style, examples=examples)
+                   for p in chunk]
+        t0 = time.monotonic()
+        completions = generator.generate(prompts, sampling, progress="generate" if progress else False)
+        seconds = time.monotonic() - t0
+        records = []
+        for p, prompt, comps in zip(chunk, prompts, completions):
+            missing = [j for j in range(n) if (p.id, j) not in have]
+            records += _records(task, p, prompt, comps, missing)
+        verdicts = grade_many([r["response"] for r in records], [r["gold"] for r in records],
+                              timeout=settings.grade_timeout, progress="grade" if progress else False)
+        for r, ok in zip(records, verdicts):
+            r["correct"] = ok
+        store.append(task, records)
+        store.add_timing(task, len(records), seconds, sum(r["tokens"] for r in records))
+        new_samples += len(records)
+        bar.update(len(records))
+    bar.close()
+    changed = _regrade(task, store, settings.grade_timeout, progress) if regrade else None
+    records = [r for r in store.load(task) if r["id"] in wanted]
+    metrics = task_metrics(records)
+    if changed is not None:
+        metrics["regrade_changed_verdicts"] = changed
+    total = store.timing(task)  # over every invocation of this run
+    metrics["generation"] = {"new_samples": new_samples, "samples": total["samples"], "seconds": total["seconds"],
+                             "tokens": total["tokens"],
+                             "tokens_per_second": round(total["tokens"] / total["seconds"], 2) if total["seconds"] else None}
+    return metrics
+
+
+def evaluate_tasks(generator, tasks: list[str], settings: EvalSettings, store: RunStore,
+                   progress: bool = True, regrade: bool = False) -> dict:
+    """{"tasks": {task: metrics}, "average": metrics averaged over the tasks}."""
+    per_task = {}
+    for task in tasks:
+        per_task[task] = evaluate_task(generator, task, settings, store, progress, regrade)
+    return {"tasks": per_task, "average": average_metrics(per_task)}

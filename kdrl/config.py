@@ -1,0 +1,193 @@
+"""The trainer's configuration: plain dataclasses, loaded from YAML, overridden with ``--set section.key=value``.
+
+Every field carries its documentation in ``metadata["help"]``; ``python -m kdrl.train --describe`` prints them all.
+The loss section is passed verbatim to ``kdrl_kernels.KDRLConfig`` (its own docstring documents those fields), so
+the trainer never re-declares the loss library's options.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def opt(default, help: str):
+    """A dataclass field with a default and its one-line documentation."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    """Which student and teacher to load and how the student is trained."""
+    student: str = opt("smollm2-135m-instruct", "student: hub id, local directory, or a kdrl.models registry name")
+    teacher: str | None = opt(None, "teacher (same tokenizer as the student); null for GRPO, which needs none")
+    dtype: str = opt("bfloat16", "dtype of the model weights used in forward/backward (bfloat16 or float32)")
+    master_fp32: bool = opt(True, "keep an fp32 master copy of the trainable weights and fp32 optimizer state")
+    lora_rank: int = opt(0, "0 = full fine-tuning; > 0 = LoRA adapters of this rank on all linear layers (peft)")
+    lora_alpha: float = opt(32.0, "LoRA scaling numerator (the update is scaled by alpha / rank)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class DataConfig:
+    """Where the prompts come from."""
+    task: str = opt("gsm8k_train", "training set for kdrl.data.load_task: gsm8k_train or math_train")
+    limit: int | None = opt(None, "use only the first N problems (before shuffling); null = all")
+    prompt_style: str = opt("boxed", "style for kdrl.prompts.build_messages")
+    shuffle: bool = opt(True, "visit problems in a seeded random order (reshuffled every epoch)")
+
+
+@dataclass
+class RolloutConfig:
+    """How responses are sampled and rewarded."""
+    backend: str = opt("hf", "generation backend for kdrl.generation.make_generator: hf (transformers) or vllm")
+    prompts_per_step: int = opt(2, "prompts per optimizer step")
+    group_size: int = opt(4, "G: sampled responses per prompt (the group of group-normalised advantages)")
+    max_new_tokens: int = opt(256, "response token budget")
+    temperature: float = opt(1.0, "sampling temperature (the loss is computed at temperature 1)")
+    top_p: float = opt(1.0, "nucleus sampling threshold")
+    scale_advantages: bool = opt(True, "divide advantages by the group std; false = Dr. GRPO (centring only)")
+    grader_timeout: float = opt(3.0, "seconds allowed to kdrl.grading.grade per response")
+    vllm_kwargs: dict = opt({}, "extra keyword arguments for the vLLM engine (e.g. gpu_memory_utilization)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, batching and schedule."""
+    lr: float = opt(1e-6, "AdamW learning rate (constant after warmup)")
+    warmup_steps: int = opt(0, "linear warmup from 0 over this many optimizer steps")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    betas: list = opt([0.9, 0.999], "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 disables")
+    micro_batch_size: int = opt(4, "sequences per forward/backward; gradients accumulate over the rollout batch")
+    updates_per_rollout: int = opt(1, "optimizer steps per rollout batch (> 1 splits it into mini-batches; "
+                                      "then the ratio to the rollout policy is no longer 1 and clipping binds)")
+
+
+@dataclass
+class RunConfig:
+    """Length of the run, outputs, checkpoints and evaluation."""
+    steps: int = opt(10, "number of rollout steps to run")
+    seed: int = opt(0, "seed for data order, sampling and initialisation of LoRA adapters")
+    output_dir: str = opt("runs/kdrl", "where metrics.jsonl, checkpoints and TensorBoard logs go")
+    save_every: int = opt(1, "write a checkpoint every N steps (and at the end); 0 = only at the end")
+    keep_checkpoints: int = opt(1, "how many most recent checkpoints to keep on disk")
+    resume: bool = opt(True, "continue from the latest checkpoint in output_dir if there is one")
+    tensorboard: bool = opt(False, "also write TensorBoard scalars (needs the tensorboard package)")
+    progress: bool = opt(True, "show a tqdm progress bar")
+    eval_every: int = opt(0, "evaluate every N steps (0 = never): greedy accuracy on eval_task")
+    eval_task: str = opt("gsm8k", "benchmark for periodic evaluation (kdrl.data.load_task name)")
+    eval_limit: int = opt(50, "problems per periodic evaluation")
+    eval_max_new_tokens: int = opt(400, "token budget of the periodic evaluation")
+    threads: int = opt(0, "torch intra-op threads; 0 = leave torch's default")
+    export_final: bool = opt(True, "at the end, save the student (LoRA merged) with its tokenizer to "
+                                   "<output_dir>/final, a model directory the evaluation harness can load")
+
+
+@dataclass
+class TrainConfig:
+    """The whole configuration; YAML files mirror these sections."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    loss: dict = field(default_factory=lambda: {"objective": "grpo"},
+                       metadata={"help": "keyword arguments of kdrl_kernels.KDRLConfig (objective, beta, ...)"})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict, where: str):
+    """Instantiate dataclass ``cls`` from a dict, recursing into nested dataclasses; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ValueError(f"config section {where or 'root'} must be a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where or 'root'}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = known[name].type
+        sub_cls = {"ModelConfig": ModelConfig, "DataConfig": DataConfig, "RolloutConfig": RolloutConfig,
+                   "OptimConfig": OptimConfig, "RunConfig": RunConfig}.get(sub if isinstance(sub, str) else "")
+        kwargs[name] = _build(sub_cls, value, f"{where}{name}.") if sub_cls else _coerce(known[name], value, where)
+    return cls(**kwargs)
+
+
+def _coerce(f: dataclasses.Field, value, where: str):
+    """Convert strings for numeric fields: YAML reads ``1e-6`` (no dot) as a string, not a float."""
+    default = f.default
+    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(float(value)) if isinstance(default, float) else int(value)
+        except ValueError:
+            raise ValueError(f"{where}{f.name} must be a number, got {value!r}") from None
+    return value
+
+
+def _set(tree: dict, dotted: str, raw: str) -> None:
+    """Apply one ``section.key=value`` override; the value is parsed as YAML (numbers, bools, null, lists)."""
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    node[keys[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML file (or start from the defaults), apply ``key=value`` overrides, validate and return."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set expects section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set(tree, key.strip(), raw)
+    cfg = _build(TrainConfig, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Reject settings that cannot work, naming the field and the allowed range."""
+    r, o = cfg.rollout, cfg.optim
+    checks = [
+        (r.backend in ("hf", "vllm"), f"rollout.backend must be hf or vllm, got {r.backend!r}"),
+        (r.group_size >= 2, f"rollout.group_size must be >= 2 for group-normalised advantages, got {r.group_size}"),
+        (r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}"),
+        (r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}"),
+        (r.temperature > 0, f"rollout.temperature must be > 0 for sampling, got {r.temperature}"),
+        (o.micro_batch_size >= 1, f"optim.micro_batch_size must be >= 1, got {o.micro_batch_size}"),
+        (o.updates_per_rollout >= 1, f"optim.updates_per_rollout must be >= 1, got {o.updates_per_rollout}"),
+        ((r.prompts_per_step * r.group_size) % o.updates_per_rollout == 0,
+         "optim.updates_per_rollout must divide rollout.prompts_per_step * rollout.group_size"),
+        (cfg.model.dtype in ("bfloat16", "float32"), f"model.dtype must be bfloat16 or float32, got {cfg.model.dtype}"),
+        (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0, got {cfg.model.lora_rank}"),
+        (cfg.run.steps >= 0, f"run.steps must be >= 0, got {cfg.run.steps}"),
+        (isinstance(cfg.loss, dict) and "objective" in cfg.loss, "loss must be a mapping with an 'objective'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def describe(cls=TrainConfig, prefix: str = "") -> str:
+    """Every field with its default and documentation, one per line (``--describe``)."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory() if callable(f.default_factory) else None):
+            lines.append(f"[{prefix}{f.name}] {f.default_factory.__doc__ or ''}".rstrip())
+            lines.append(describe(type(f.default_factory()), f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {prefix}{f.name} = {default!r}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)

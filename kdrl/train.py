@@ -1,0 +1,422 @@
+"""The training loop: ``python -m kdrl.train --config configs/kdrl.yaml [--set section.key=value ...]``.
+
+One step = sample G responses for each of a few prompts -> grade them -> group-normalised advantages ->
+teacher hidden states of the sampled tokens (no gradient) -> student forward/backward through
+``kdrl_kernels.KDRLLoss`` in micro-batches -> optimizer step -> push the new weights to the generator ->
+log, checkpoint, maybe evaluate. GRPO, on-policy KD, KDRL (joint / shaping, constant or annealed beta,
+reward-guided masks) and TRRD differ only in the ``loss`` section of the config.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from kdrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdrl.config import TrainConfig, describe, load_config
+from kdrl.logging import MetricsLogger
+from kdrl.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
+from kdrl_kernels import KDRLConfig, KDRLLoss
+
+__all__ = ["Trainer", "main", "decoder", "hidden_states", "backward_microbatches"]
+
+
+def decoder(model):
+    """The transformer body (no LM head) of a causal LM, also through a peft wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def hidden_states(model, batch: RolloutBatch) -> torch.Tensor:
+    """``(B, T, d)`` final hidden states aligned with ``batch.targets`` (column ``P - 1 + t`` predicts token t)."""
+    p = batch.prompt_width
+    out = decoder(model)(input_ids=batch.input_ids[:, :-1], attention_mask=batch.attention_mask[:, :-1],
+                         position_ids=batch.position_ids[:, :-1], use_cache=False)
+    return out.last_hidden_state[:, p - 1:]
+
+
+class Timer(dict):
+    """Accumulates wall-clock seconds per phase: ``with timer("generation"): ...``."""
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[name] = self.get(name, 0.0) + time.perf_counter() - start
+
+
+class MasterWeights:
+    """fp32 master copies of trainable low-precision parameters; the optimizer updates the copies.
+
+    After each backward, :meth:`accumulate` adds the model's (bf16) gradients into fp32 ``.grad`` of the masters
+    and frees the model's, so gradient accumulation over micro-batches happens in fp32; :meth:`publish` writes
+    the updated masters back into the model. With ``enabled=False`` the optimizer acts on the model's own tensors.
+    """
+
+    def __init__(self, named_params: dict[str, torch.nn.Parameter], enabled: bool):
+        self.model_params = named_params
+        self.enabled = enabled
+        self.params = ({n: torch.nn.Parameter(p.detach().float().clone()) for n, p in named_params.items()}
+                       if enabled else named_params)
+
+    def accumulate(self) -> None:
+        if not self.enabled:
+            return
+        for name, p in self.model_params.items():
+            if p.grad is not None:
+                master = self.params[name]
+                master.grad = p.grad.float() if master.grad is None else master.grad.add_(p.grad)
+                p.grad = None
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        if self.enabled:
+            for name, p in self.model_params.items():
+                p.copy_(self.params[name])
+
+
+# Each micro-batch's share of the mini-batch's normaliser, per aggregation mode of KDRLConfig.
+_SHARES = {"token_mean": lambda m: float(m.sum()), "seq_mean": lambda m: float((m.sum(-1) > 0).sum()),
+           "dr_grpo": lambda m: float(m.shape[0])}
+
+
+def backward_microbatches(model, loss_fn: KDRLLoss, batch: RolloutBatch, *, micro_batch_size: int,
+                          teacher_hidden=None, teacher_weight=None, teacher_logprobs=None, old_logprobs=None,
+                          step: int | None = None, after_backward=None) -> dict:
+    """Forward/backward ``batch`` in micro-batches; the summed gradient equals that of the loss on the whole batch.
+
+    ``KDRLLoss`` normalises each call by its own rows (tokens, sequences or B * T, per ``aggregation``), so each
+    micro-loss is scaled by its share of the batch's normaliser before backward. ``teacher_hidden (B, T, d_t)``,
+    ``teacher_logprobs (B, T)`` and ``old_logprobs (B, T)`` are sliced along with the batch. ``after_backward()`` runs after each backward
+    (the fp32 master accumulation). Returns the batch's loss metrics (share-weighted means).
+    """
+    share = _SHARES[loss_fn.config.aggregation]
+    total = max(share(batch.mask), 1.0)
+    weight = model.get_output_embeddings().weight
+    sums: dict[str, float] = {}
+    for i in range(0, len(batch), micro_batch_size):
+        part, rows = batch.rows(i, i + micro_batch_size), slice(i, i + micro_batch_size)
+        scale = share(part.mask) / total
+        if scale == 0.0:
+            continue
+        loss, metrics = loss_fn(
+            hidden_states(model, part), weight, part.targets, part.mask,
+            advantages=part.advantages, correct=part.correct, group_ids=part.group_ids,
+            old_logprobs=None if old_logprobs is None else old_logprobs[rows],
+            teacher_hidden=None if teacher_hidden is None else teacher_hidden[rows],
+            teacher_logprobs=None if teacher_logprobs is None else teacher_logprobs[rows],
+            teacher_weight=teacher_weight, step=step)
+        (loss * scale).backward()
+        if after_backward is not None:
+            after_backward()
+        _merge(sums, metrics, scale)
+    return sums
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of tensors that share storage (tied embeddings / lm_head): safetensors refuses aliases,
+    and loaders of tied models take the embedding alone."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor
+    return out
+
+
+def _merge(sums: dict, metrics: dict, scale: float) -> None:
+    """Fold one micro-batch's loss metrics into the step's: shares-weighted means, summed counts, min/max."""
+    for key, value in metrics.items():
+        if key == "num_tokens":
+            sums[key] = sums.get(key, 0.0) + value
+        elif key in ("ratio_min", "ratio_max"):
+            pick = min if key == "ratio_min" else max
+            sums[key] = pick(sums.get(key, value), value)
+        else:
+            sums[key] = sums.get(key, 0.0) + value * scale
+
+
+class Trainer:
+    """Holds the models, optimizer, generator and data position of one run. :meth:`run` trains to the end."""
+
+    def __init__(self, cfg: TrainConfig):
+        from kdrl.data import load_task
+        from kdrl.models import load_model_and_tokenizer, resolve_model
+
+        self.cfg = cfg
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        torch.manual_seed(cfg.run.seed)
+        self.loss_fn = KDRLLoss(KDRLConfig(**cfg.loss))
+        lc = self.loss_fn.config
+        if lc.needs_teacher and not cfg.model.teacher:
+            raise ValueError(f"loss.objective={lc.objective!r} needs model.teacher")
+        if lc.kd_mask == "group_all_wrong" and cfg.optim.micro_batch_size % cfg.rollout.group_size:
+            raise ValueError("loss.kd_mask=group_all_wrong needs optim.micro_batch_size to be a multiple of "
+                             "rollout.group_size (a micro-batch must hold whole groups)")
+        dtype = getattr(torch, cfg.model.dtype)
+        self.student_path = resolve_model(cfg.model.student)
+        self.model, self.tokenizer = load_model_and_tokenizer(self.student_path, dtype=dtype)
+        self.teacher = None
+        if lc.needs_teacher:
+            self.teacher, teacher_tok = load_model_and_tokenizer(resolve_model(cfg.model.teacher), dtype=dtype)
+            self.teacher.requires_grad_(False).eval()
+            if teacher_tok.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError("model.teacher must share the student's tokenizer (the KD terms compare "
+                                 "log-probs of the same token ids)")
+        self._setup_trainable(cfg)
+        self.problems = load_task(cfg.data.task, limit=cfg.data.limit)
+        self.sampler = PromptSampler(self.problems, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+        self.step = 0
+        self.output_dir = Path(cfg.run.output_dir)
+        ckpt = latest_checkpoint(self.output_dir) if cfg.run.resume else None
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.master.params, self.optimizer)
+            self.master.publish()
+            self.sampler.load_state_dict(state["sampler"])
+            self.step = state["step"]
+        self.generator = self._make_generator()
+
+    def _setup_trainable(self, cfg: TrainConfig) -> None:
+        """Wrap with LoRA if asked, pick the trainable tensors, build fp32 masters and the AdamW optimizer."""
+        if cfg.model.lora_rank:
+            from peft import LoraConfig, get_peft_model
+            self.model = get_peft_model(self.model, LoraConfig(
+                r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, target_modules="all-linear"))
+        if cfg.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            if cfg.model.lora_rank:  # frozen embeddings: checkpointed blocks still need an input that wants grad
+                self.model.enable_input_require_grads()
+        self.model.train()
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        low_precision = next(iter(trainable.values())).dtype != torch.float32
+        self.master = MasterWeights(trainable, enabled=cfg.model.master_fp32 and low_precision)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(list(self.master.params.values()), lr=o.lr, betas=tuple(o.betas),
+                                           eps=o.eps, weight_decay=o.weight_decay)
+
+    def _make_generator(self):
+        """The rollout engine: its own copy of the student, refreshed by ``update_weights`` after each step."""
+        from kdrl.generation import make_generator
+        r = self.cfg.rollout
+        kw = r.vllm_kwargs if r.backend == "vllm" else {}
+        gen = make_generator(self.student_path, backend=r.backend, dtype=self.cfg.model.dtype, **kw)
+        if self.step:  # resumed: the engine loaded the initial weights
+            gen.update_weights(self.rollout_weights())
+        return gen
+
+    @torch.no_grad()
+    def rollout_weights(self, changed_only: bool = False) -> dict[str, torch.Tensor]:
+        """The student's current weights under the plain model's names (LoRA adapters merged in).
+
+        ``changed_only``: with LoRA, only the adapted layers' merged weights (the rest never changes).
+        Merging is out of place, ``W + scale * B @ A`` in fp32: peft's in-place merge/unmerge would round the
+        bf16 base weights a little more on every step.
+        """
+        if not self.cfg.model.lora_rank:
+            return _untied(self.model.state_dict())
+        from peft.tuners.lora import LoraLayer
+        base = self.model.get_base_model()
+        state = {} if changed_only else {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
+                                         if "lora_" not in k}
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                w = module.get_base_layer().weight
+                delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+                state[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
+        return _untied(state)
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def prompts(self, problems) -> list[str]:
+        from kdrl.prompts import build_messages
+        return [self.tokenizer.apply_chat_template(build_messages(p.question, style=self.cfg.data.prompt_style),
+                                                   tokenize=False, add_generation_prompt=True) for p in problems]
+
+    def rollout(self, timer: Timer) -> RolloutBatch:
+        """Sample G responses per prompt with the current weights, grade them, build the padded batch."""
+        from kdrl.generation import SamplingConfig
+        from kdrl.grading import grade_many
+        r = self.cfg.rollout
+        problems = self.sampler.next(r.prompts_per_step)
+        texts = self.prompts(problems)
+        sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                  n=r.group_size, seed=self.cfg.run.seed * 100_003 + self.step)
+        with timer("generation"):
+            groups = self.generator.generate(texts, sampling, progress=False)
+        with timer("grading"):
+            flat = [c for g in groups for c in g]
+            ok = grade_many([c.text for c in flat], [p.answer for p in problems for _ in range(r.group_size)],
+                            timeout=r.grader_timeout)
+        G = r.group_size
+        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return build_batch(prompt_ids, [[c.token_ids for c in g] for g in groups],
+                           [ok[i * G:(i + 1) * G] for i in range(len(groups))],
+                           [[c.finish_reason == "length" for c in g] for g in groups],
+                           pad_id=self._pad_id(), scale_advantages=r.scale_advantages)
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    @torch.no_grad()
+    def teacher_signal(self, batch: RolloutBatch) -> dict:
+        """The teacher's view of the sampled tokens, for ``KDRLLoss``, computed in micro-batches without logits.
+
+        The exact KL needs the teacher's distribution over the vocabulary at every token, so then its hidden states
+        ``(B, T, d_t)`` (+ lm_head weight) are kept; otherwise only its log-probs ``(B, T)`` float32, which frees the
+        hidden states at once and keeps the teacher's fp32 lm_head out of the student's backward (less memory).
+        """
+        if self.teacher is None:
+            return {}
+        from kdrl_kernels import fused_linear_logprobs
+        lc, mb = self.loss_fn.config, self.cfg.optim.micro_batch_size
+        weight = self.teacher.get_output_embeddings().weight
+        parts = [batch.rows(i, i + mb) for i in range(0, len(batch), mb)]
+        if lc.log_exact_kl or (lc.kl_estimator == "exact" and lc.objective in ("kd", "kdrl")):
+            return {"teacher_hidden": torch.cat([hidden_states(self.teacher, p) for p in parts]),
+                    "teacher_weight": weight}
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if weight.shape[0] != vocab:
+            if not (weight.shape[0] > vocab and lc.truncate_teacher_vocab):
+                raise ValueError(f"teacher lm_head has {weight.shape[0]} rows, the student's {vocab}: set "
+                                 "loss.truncate_teacher_vocab=true if the extra teacher rows are padding")
+            weight = weight[:vocab]
+        return {"teacher_logprobs": torch.cat([
+            fused_linear_logprobs(hidden_states(self.teacher, p), weight, p.targets.masked_fill(~p.mask, -100))
+            for p in parts])}
+
+    @torch.no_grad()
+    def old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """``(B, T)`` float32 log-probs of the sampled tokens under the rollout policy (before any update)."""
+        from kdrl_kernels import fused_linear_logprobs
+        weight = self.model.get_output_embeddings().weight
+        mb, out = self.cfg.optim.micro_batch_size, []
+        for i in range(0, len(batch), mb):
+            part = batch.rows(i, i + mb)
+            targets = part.targets.masked_fill(~part.mask, -100)
+            out.append(fused_linear_logprobs(hidden_states(self.model, part), weight, targets))
+        return torch.cat(out)
+
+    def train_step(self) -> dict:
+        """Run one full step (rollout -> update(s) -> weight sync); returns the step's metrics."""
+        timer, cfg = Timer(), self.cfg
+        t_start = time.perf_counter()
+        batch = self.rollout(timer)
+        with timer("teacher"):
+            teacher = self.teacher_signal(batch)
+        old = None
+        n_updates = cfg.optim.updates_per_rollout
+        if n_updates > 1:  # later mini-batches are off-policy: anchor the ratio at the rollout policy
+            with timer("old_logprobs"):
+                old = self.old_logprobs(batch)
+        size = len(batch) // n_updates
+        sums: dict[str, float] = {}
+        for u in range(n_updates):
+            mini = batch.rows(u * size, (u + 1) * size)
+            opt_step = self.step * n_updates + u
+            rows = slice(u * size, (u + 1) * size)
+            with timer("student_fwd_bwd"):
+                m = backward_microbatches(
+                    self.model, self.loss_fn, mini, micro_batch_size=cfg.optim.micro_batch_size,
+                    **{k: v if k == "teacher_weight" else v[rows] for k, v in teacher.items()},
+                    old_logprobs=None if old is None else old[rows], step=opt_step,
+                    after_backward=self.master.accumulate)
+            with timer("optimizer"):
+                m["grad_norm"] = self._optimizer_step(opt_step)
+            _merge(sums, m, 1.0 / n_updates)
+        with timer("weight_sync"):  # the hf generator takes a partial state dict: only what LoRA changed
+            self.generator.update_weights(self.rollout_weights(changed_only=cfg.rollout.backend == "hf"))
+        self.step += 1
+        metrics = {**rollout_metrics(batch), **sums, "lr": self.optimizer.param_groups[0]["lr"]}
+        metrics.update({f"time_{k}": v for k, v in timer.items()})
+        metrics["time_step"] = time.perf_counter() - t_start
+        metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+        return metrics
+
+    def _optimizer_step(self, opt_step: int) -> float:
+        """Warmup, gradient clipping, AdamW step, write masters back to the model. Returns the gradient norm."""
+        o = self.cfg.optim
+        for group in self.optimizer.param_groups:
+            group["lr"] = o.lr * min(1.0, (opt_step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+        params = [p for p in self.master.params.values() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.master.publish()
+        return float(norm)
+
+    # ---- evaluation, checkpoints, the run ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy accuracy and mean response length on ``run.eval_task`` with the shared grader."""
+        from kdrl.data import load_task
+        from kdrl.generation import SamplingConfig
+        from kdrl.grading import grade_many
+        run = self.cfg.run
+        problems = load_task(run.eval_task, limit=run.eval_limit)
+        outs = self.generator.generate(self.prompts(problems), SamplingConfig(
+            max_new_tokens=run.eval_max_new_tokens, temperature=0.0, n=1), progress=False)
+        ok = grade_many([o[0].text for o in outs], [p.answer for p in problems])
+        return {"eval_accuracy": sum(ok) / len(ok),
+                "eval_len_mean": sum(len(o[0].token_ids) for o in outs) / len(outs)}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.output_dir, self.step, self.master.params, self.optimizer,
+                               {"sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()},
+                               keep=self.cfg.run.keep_checkpoints)
+
+    def run(self) -> list[dict]:
+        """Train from the current step to ``run.steps``; returns the metrics of the steps run here."""
+        run = self.cfg.run
+        logger = MetricsLogger(self.output_dir, run.steps, self.step, run.tensorboard, run.progress)
+        history = []
+        try:
+            while self.step < run.steps:
+                metrics = self.train_step()
+                if run.eval_every and self.step % run.eval_every == 0:
+                    t0 = time.perf_counter()
+                    metrics.update(self.evaluate())
+                    metrics["time_eval"] = time.perf_counter() - t0
+                if (run.save_every and self.step % run.save_every == 0) or self.step == run.steps:
+                    t0 = time.perf_counter()
+                    self.save()
+                    metrics["time_checkpoint"] = time.perf_counter() - t0
+                logger.log(self.step, metrics)
+                history.append(metrics)
+        finally:
+            logger.close()
+        if run.export_final and self.step == run.steps:
+            self.export(self.output_dir / "final")
+        return history
+
+    def export(self, path: Path) -> Path:
+        """Save the student as a plain transformers model directory (LoRA merged) with its tokenizer."""
+        base = self.model.get_base_model() if self.cfg.model.lora_rank else self.model
+        base.save_pretrained(path, state_dict=self.rollout_weights())
+        self.tokenizer.save_pretrained(path)
+        return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kdrl.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML file with the sections of kdrl.config.TrainConfig")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one field, e.g. --set rollout.group_size=8 (repeatable)")
+    parser.add_argument("--describe", action="store_true", help="print every config field with its help and exit")
+    args = parser.parse_args(argv)
+    if args.describe:
+        print(describe())
+        return
+    cfg = load_config(args.config, args.set)
+    Trainer(cfg).run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Leaderboard (evals.leaderboard) from synthetic result JSONs: Markdown, HTML, PNG and the Pareto front."""
+import json
+
+import pytest
+
+from evals.leaderboard import load_runs, markdown_table, pareto_front, write_leaderboard
+
+
+def _metrics(acc, se, tokens):
+    return {"accuracy": acc, "accuracy_stderr": se, "mean_tokens": tokens, "mean_tokens_correct": tokens * 0.8,
+            "mean_tokens_incorrect": tokens * 1.2, "truncation_rate": 0.1, "boxed_rate": 0.9,
+            "tokens_per_correct": tokens / acc if acc else None, "pass_at_k": {"1": acc}, "n_problems": 20,
+            "n_samples": 1, "generation": {"tokens_per_second": 100.0}}
+
+
+def _run(name, model, accs, tokens):
+    tasks = {t: _metrics(a, 0.05, tokens) for t, a in accs.items()}
+    mean = sum(accs.values()) / len(accs)
+    return {"run_name": name, "model": model, "backend": "hf", "settings": {
+        "sampling": {"temperature": 0.0, "top_p": 1.0, "n": 1, "max_new_tokens": 512}, "limit": 20},
+        "tasks": tasks, "average": {"accuracy": mean, "accuracy_stderr": 0.03, "mean_tokens": tokens,
+                                    "n_tasks": len(accs), "tokens_per_correct": tokens / mean if mean else None}}
+
+
+@pytest.fixture()
+def out_dir(tmp_path):
+    runs = [_run("small", "smollm2-135m-instruct", {"gsm8k": 0.02, "math500": 0.0}, 400),
+            _run("student", "qwen2.5-coder-0.5b-instruct", {"gsm8k": 0.32, "math500": 0.2}, 300),
+            _run("teacher", "/models/qwen-1.5b", {"gsm8k": 0.54, "math500": 0.3, "aime24": 0.0}, 350)]
+    for r in runs:
+        (tmp_path / r["run_name"]).mkdir()
+        (tmp_path / r["run_name"] / "results.json").write_text(json.dumps(r))
+    return tmp_path
+
+
+def test_markdown_rows_columns_and_cells(out_dir):
+    runs = load_runs(out_dir)
+    assert [r["run_name"] for r in runs] == ["teacher", "student", "small"]  # by average accuracy (28, 26, 1 %)
+    md = markdown_table(runs).splitlines()
+    assert md[0].split(" | ")[2:5] == ["AIME24", "MATH500", "GSM8K"]  # leaderboard column order
+    student = next(line for line in md if "qwen2.5-coder-0.5b" in line)
+    assert "32.0 ± 5.0" in student and "26.0 ± 3.0" in student and "| 300 |" in student
+    teacher = next(line for line in md if "qwen-1.5b" in line)
+    assert "| 3 |" in teacher  # number of tasks in its average
+    small = next(line for line in md if "smollm2" in line)
+    assert small.split(" | ")[2] == "-"  # no AIME24 in this run
+
+
+def test_write_leaderboard_files(out_dir):
+    md, page, png = write_leaderboard(out_dir)
+    assert md.read_text().count("\n|") >= 4
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and "<table>" in text and 'src="leaderboard.png"' in text
+    assert text.count("<tr>") == 1 + 3 + 1 + 7  # header + 3 runs, detail header + 7 task rows
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_empty_directory_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no \\*/results.json"):
+        write_leaderboard(tmp_path)
+
+
+def test_pareto_front():
+    # (tokens, accuracy): b dominates c (fewer tokens, higher accuracy); a, b, d trade off.
+    points = [(100, 10.0), (200, 30.0), (300, 20.0), (400, 40.0), (400, 35.0)]
+    assert pareto_front(points) == [0, 1, 3]
+    assert pareto_front([(1, 1.0)]) == [0]
+    assert pareto_front([(5, 5.0), (5, 5.0)]) == [0, 1]  # equal points do not dominate each other

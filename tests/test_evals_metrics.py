@@ -1,0 +1,114 @@
+"""Metrics (evals.metrics): pass@k against brute force, accuracy/stderr and token statistics on synthetic samples,
+GSM8K lm-eval-style extraction, averages and the baseline comparison."""
+import itertools
+import math
+import random
+
+import pytest
+
+from evals.metrics import (average_metrics, compare_to_baseline, gsm8k_lm_eval_extract, gsm8k_lm_eval_match,
+                           pass_at_k, task_metrics)
+
+
+def brute_force_pass_at_k(outcomes: list[bool], k: int) -> float:
+    """Fraction of all k-subsets of the n samples that contain at least one correct sample."""
+    subsets = list(itertools.combinations(range(len(outcomes)), k))
+    return sum(any(outcomes[i] for i in s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 10])
+def test_pass_at_k_equals_enumeration(n):
+    rng = random.Random(n)
+    for c in range(n + 1):
+        outcomes = [True] * c + [False] * (n - c)
+        rng.shuffle(outcomes)
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(outcomes, k), abs=1e-12)
+
+
+def test_pass_at_k_limits_and_errors():
+    assert pass_at_k(100, 0, 10) == 0.0
+    assert pass_at_k(100, 95, 10) == 1.0
+    assert pass_at_k(200, 3, 1) == pytest.approx(3 / 200)
+    for bad in [(4, 5, 1), (4, 1, 0), (4, 1, 5), (4, -1, 1)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+
+
+def _rec(pid, correct, tokens, finish="stop", boxed=True, **extra):
+    return {"id": pid, "correct": correct, "tokens": tokens, "finish_reason": finish, "boxed": boxed, **extra}
+
+
+def test_task_metrics_greedy():
+    recs = [_rec("a", True, 10), _rec("b", False, 30, "length", False), _rec("c", True, 20), _rec("d", False, 40)]
+    m = task_metrics(recs)
+    assert m["n_problems"] == 4 and m["n_samples"] == 1
+    assert m["accuracy"] == 0.5
+    assert m["accuracy_stderr"] == pytest.approx(math.sqrt(1 / 3) / 2)  # std(ddof=1) of [1,0,1,0] / sqrt(4)
+    assert m["pass_at_k"] == {"1": 0.5}
+    assert m["mean_tokens"] == 25 and m["mean_tokens_correct"] == 15 and m["mean_tokens_incorrect"] == 35
+    assert m["truncation_rate"] == 0.25 and m["boxed_rate"] == 0.75
+    assert m["tokens_per_correct"] == 50
+
+
+def test_task_metrics_sampled():
+    # problem a: 3/4 correct, b: 0/4, c: 4/4
+    outcomes = {"a": [1, 1, 0, 1], "b": [0, 0, 0, 0], "c": [1, 1, 1, 1]}
+    recs = [_rec(p, bool(o), 10) for p, os_ in outcomes.items() for o in os_]
+    m = task_metrics(recs)
+    assert m["n_samples"] == 4
+    assert m["accuracy"] == pytest.approx((0.75 + 0 + 1) / 3)
+    assert m["pass_at_k"]["1"] == pytest.approx(m["accuracy"])
+    assert m["pass_at_k"]["2"] == pytest.approx((1.0 + 0 + 1) / 3)   # a: any 2 of 4 with 3 correct -> always
+    assert set(m["pass_at_k"]) == {"1", "2", "4"}
+    assert m["tokens_per_correct"] == pytest.approx(120 / 7)
+
+
+def test_task_metrics_rejects_unfinished_runs():
+    with pytest.raises(ValueError, match="sample counts"):
+        task_metrics([_rec("a", True, 1), _rec("a", True, 1), _rec("b", True, 1)])
+    with pytest.raises(ValueError):
+        task_metrics([])
+
+
+def test_all_wrong_has_no_tokens_per_correct():
+    m = task_metrics([_rec("a", False, 5), _rec("b", False, 7)])
+    assert m["accuracy"] == 0 and m["tokens_per_correct"] is None and m["mean_tokens_correct"] is None
+
+
+@pytest.mark.parametrize("response,strict,flexible", [
+    ("She makes 9 * 2 = $18 every day.\n#### 18", "18", "18"),
+    ("So 1,250 apples. #### 1,250.", "1,250.", "1,250."),
+    ("the total is $18.", "[invalid]", "$18."),
+    ("#### -3 and later 7", "-3", "7"),
+    ("nothing", "[invalid]", "[invalid]"),
+])
+def test_gsm8k_lm_eval_extraction(response, strict, flexible):
+    assert gsm8k_lm_eval_extract(response) == (strict, flexible)
+
+
+def test_gsm8k_lm_eval_match_cleans_like_lm_eval():
+    gold = "Natalia sold 48+24 = <<48+24=72>>72 clips.\n#### 1,072"
+    assert gsm8k_lm_eval_match("#### 1,072.", gold) == (True, True)
+    assert gsm8k_lm_eval_match("The answer is $1072.", gold) == (False, True)
+    assert gsm8k_lm_eval_match("#### 1072 then 5", gold) == (True, False)
+
+
+def _task(acc, se, tokens, n_problems=10, n_samples=1):
+    return {"accuracy": acc, "accuracy_stderr": se, "mean_tokens": tokens, "truncation_rate": 0.1,
+            "boxed_rate": 0.5, "pass_at_k": {"1": acc}, "n_problems": n_problems, "n_samples": n_samples}
+
+
+def test_average_and_baseline():
+    cur = {"run_name": "cur", "tasks": {"x": _task(0.6, 0.03, 100), "y": _task(0.2, 0.04, 300)}}
+    avg = average_metrics(cur["tasks"])
+    assert avg["accuracy"] == pytest.approx(0.4) and avg["mean_tokens"] == 200
+    assert avg["accuracy_stderr"] == pytest.approx(0.025)  # sqrt(.03^2 + .04^2) / 2
+    assert avg["tokens_per_correct"] == pytest.approx((1000 + 3000) / (6 + 2))
+    base = {"run_name": "base", "tasks": {"x": _task(0.5, 0.03, 200), "z": _task(0.9, 0.01, 50)}}
+    cmp_ = compare_to_baseline(cur, base)
+    assert cmp_["baseline"] == "base" and set(cmp_["tasks"]) == {"x"}
+    assert cmp_["tasks"]["x"]["accuracy_delta"] == pytest.approx(0.1)
+    assert cmp_["tasks"]["x"]["relative_length_change"] == pytest.approx(-0.5)
+    with pytest.raises(ValueError, match="shares no task"):
+        compare_to_baseline(cur, {"run_name": "other", "tasks": {"z": _task(0.9, 0.01, 50)}})
