@@ -5,14 +5,10 @@ pytest-benchmark's ``--benchmark-autosave`` / ``--benchmark-compare``. The real 
 these keep the same code paths exercised and give a quick regression signal.
 """
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import providers, workloads  # noqa: E402
+from bench import providers, workloads
 
 pytest.importorskip("pytest_benchmark")
 

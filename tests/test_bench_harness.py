@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # bench/ is a folder of scripts, not an installed package
-
-from bench import gpu_report, memory, report, results, timing, workloads  # noqa: E402
+from bench import gpu_report, memory, report, results, timing, workloads
 
 
 def test_percentile_matches_linear_interpolation():

@@ -4,16 +4,11 @@ The naive provider is checked against ``kdrl_kernels.reference`` in float64 (the
 naive one. Liger's KDRL peer uses k3 instead of k2, so for KDRL it is checked against a k3 variant of the naive
 loss. Liger runs eagerly here (compiling costs ~20 s and is exercised by the benchmark run itself).
 """
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench import naive, providers, workloads  # noqa: E402
-from kdrl_kernels import reference  # noqa: E402
+from bench import naive, providers, workloads
+from kdrl_kernels import reference
 
 SHAPE = dict(d=24, d_t=40, vocab=507)     # a vocabulary that is not a multiple of any chunk or tile
 
