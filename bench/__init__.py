@@ -1,0 +1,1 @@
+"""Benchmarks of kdrl_kernels (run `python bench/run.py`); see bench/README.md."""
