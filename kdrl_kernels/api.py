@@ -1,8 +1,6 @@
 """Public ops: validate, pick the backend, call the autograd Function."""
 from __future__ import annotations
 
-import torch
-
 from . import validation as V
 from .backend import resolve_backend
 from .ops import KLParams, LinearKL, LinearLogprobs, LogprobParams

@@ -3,7 +3,6 @@
 With ``gt`` computed in float64 and ``lowprec`` by plain PyTorch in the input dtype (what a user gets by hand),
 ``|ours - gt| <= |lowprec - gt| + tol`` elementwise.
 """
-import torch
 
 
 def assert_close_to_gt(ours, gt, lowprec, tol, name=""):

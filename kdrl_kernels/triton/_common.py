@@ -154,6 +154,13 @@ def accumulate_rows(acc_ptr, offs_r, R, D, stride_ar, stride_ad, x, b_ptr, offs_
     tl.debug_barrier()
 
 
+def fp32_grad_buffers(n: int, v: int, d: int, device, with_bias: bool):
+    """Zeroed fp32 accumulators ``(grad_hidden (N, d), grad_weight (V, d), grad_bias (V,) or None)``."""
+    grad_bias = torch.zeros(v, device=device, dtype=torch.float32) if with_bias else None
+    return (torch.zeros((n, d), device=device, dtype=torch.float32),
+            torch.zeros((v, d), device=device, dtype=torch.float32), grad_bias)
+
+
 def check_2d(name: str, x: torch.Tensor, rows: int | None = None, cols: int | None = None) -> None:
     if x.dim() != 2 or (rows is not None and x.shape[0] != rows) or (cols is not None and x.shape[1] != cols):
         want = f"({rows if rows is not None else 'any'}, {cols if cols is not None else 'any'})"

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KernelConfig, accumulate_rows, check_2d, check_float_param, check_vector, default_config,
-                      any_row, dot_precision, logits_tile)
+from ._common import (KernelConfig, accumulate_rows, any_row, check_2d, check_float_param, check_vector,
+                      default_config, dot_precision, fp32_grad_buffers, logits_tile)
 
 __all__ = ["kl_forward", "kl_backward", "KINDS"]
 
@@ -289,9 +289,7 @@ def kl_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, s_
     check_vector("grad_kl", grad_kl, n)
     cfg = config or default_config("kl_bwd", s_hidden.dtype)
     dev = s_hidden.device
-    grad_h = torch.zeros((n, d), device=dev, dtype=torch.float32)
-    grad_w = torch.zeros((v, d), device=dev, dtype=torch.float32)
-    grad_b = torch.zeros(v, device=dev, dtype=torch.float32) if s_bias is not None else None
+    grad_h, grad_w, grad_b = fp32_grad_buffers(n, v, d, dev, s_bias is not None)
     if n > 0:
         mask8 = mask.contiguous().view(torch.uint8) if mask is not None else None
         c = torch.empty(n, device=dev, dtype=torch.float32) if kind == "jsd" else kl.contiguous()

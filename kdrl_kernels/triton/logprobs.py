@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (KernelConfig, accumulate_rows, check_2d, check_float_param, check_vector, default_config,
-                      any_row, dot_precision, logits_tile)
+from ._common import (KernelConfig, accumulate_rows, any_row, check_2d, check_float_param, check_vector,
+                      default_config, dot_precision, fp32_grad_buffers, logits_tile)
 
 __all__ = ["logprobs_forward", "logprobs_backward"]
 
@@ -213,10 +213,7 @@ def logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, grad_entrop
     check_vector("grad_logp", grad_logp, n)
     check_vector("grad_entropy", grad_entropy, n)
     cfg = config or default_config("logprobs_bwd", hidden.dtype)
-    dev = hidden.device
-    grad_hidden = torch.zeros((n, d), device=dev, dtype=torch.float32)
-    grad_weight = torch.zeros((v, d), device=dev, dtype=torch.float32)
-    grad_bias = torch.zeros(v, device=dev, dtype=torch.float32) if bias is not None else None
+    grad_hidden, grad_weight, grad_bias = fp32_grad_buffers(n, v, d, hidden.device, bias is not None)
     if n > 0:
         args = (n, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 inv_temp, ignore_index)
