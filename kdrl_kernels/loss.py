@@ -146,7 +146,7 @@ class KDRLLoss(torch.nn.Module):
         rows = flat.nonzero().squeeze(1)  # masked tokens are dropped before any matmul
         pick = (lambda x: None if x is None else x.reshape(flat.shape[0], *x.shape[2:])[rows])
         h, tgt = pick(hidden), pick(targets).long()
-        V.check_targets(tgt, weight.shape[0], ignore_index=-1)
+        V.check_targets(tgt, weight.shape[0])  # every token under the mask must be a real id
         teacher = TeacherInputs(pick(teacher_hidden).detach() if teacher_hidden is not None else None,
                                 None if teacher_weight is None else teacher_weight.detach(),
                                 None if teacher_bias is None else teacher_bias.detach(),

@@ -40,15 +40,14 @@ def check_same_device(**tensors):
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
-def check_targets(targets, vocab, ignore_index):
-    """Targets must lie in ``[0, vocab)`` except where equal to ``ignore_index``."""
-    valid = targets != ignore_index
-    if valid.any():
-        vals = targets[valid]
+def check_targets(targets, vocab, ignore_index=None):
+    """Targets must lie in ``[0, vocab)``, except where equal to ``ignore_index`` (None: every target counts)."""
+    vals = targets if ignore_index is None else targets[targets != ignore_index]
+    if vals.numel():
         lo, hi = int(vals.min()), int(vals.max())
         if lo < 0 or hi >= vocab:
-            raise ValueError(f"targets must be in [0, {vocab}) or equal ignore_index={ignore_index}, "
-                             f"got values in [{lo}, {hi}]")
+            allowed = "" if ignore_index is None else f" or equal ignore_index={ignore_index}"
+            raise ValueError(f"targets must be in [0, {vocab}){allowed}, got values in [{lo}, {hi}]")
 
 
 def check_finite(**tensors):

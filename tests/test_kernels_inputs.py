@@ -63,6 +63,10 @@ def test_loss_bad_input():
         KDRLLoss(objective="grpo")(h, w, t, m, advantages=torch.ones(3))
     with pytest.raises(ValueError, match=r"mask must have shape \(2, 3\)"):
         KDRLLoss(objective="grpo")(h, w, t, m[:, :2], advantages=torch.ones(2))
+    bad = t.clone()
+    bad[1, 2] = -1  # a padding id left under the mask
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 30\), got values in \[-1,"):
+        KDRLLoss(objective="grpo")(h, w, bad, m, advantages=torch.ones(2))
     with pytest.raises(ValueError, match="hidden must be"):
         KDRLLoss(objective="grpo")(h[0], w, t, m, advantages=torch.ones(2))
     with pytest.raises(ValueError, match="exact KL needs teacher_hidden"):
