@@ -44,15 +44,31 @@ def resolve_backend(backend, device) -> str:
     return backend
 
 
+def _drop(fn, *names):
+    """``fn`` accepting and ignoring the keywords ``names`` (hints only the PyTorch path can use)."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        for name in names:
+            kwargs.pop(name, None)
+        return fn(*args, **kwargs)
+    return call
+
+
 @functools.lru_cache(maxsize=None)
 def _triton_impl():
+    # The kernels always produce the entropy and every gradient, so the PyTorch path's skip hints are dropped.
     from .triton import kl, logprobs
-    return SimpleNamespace(logprobs_forward=logprobs.logprobs_forward, logprobs_backward=logprobs.logprobs_backward,
-                           kl_forward=kl.kl_forward, kl_backward=kl.kl_backward)
+    return SimpleNamespace(logprobs_forward=_drop(logprobs.logprobs_forward, "need_entropy"),
+                           logprobs_backward=_drop(logprobs.logprobs_backward, "needs"),
+                           kl_forward=kl.kl_forward, kl_backward=_drop(kl.kl_backward, "needs"))
 
 
 def get_impl(backend: str, chunk_size=None):
-    """The module-like object implementing the backend contract of docs/DESIGN.md for ``backend``."""
+    """The module-like object implementing the backend contract of docs/DESIGN.md for ``backend``.
+
+    Every backend accepts the same keywords: ``need_entropy`` (forward) and ``needs`` (backward: which of hidden,
+    weight, bias want gradients) are skip hints that the PyTorch path honours and the Triton path ignores.
+    """
     if backend == "triton":
         return _triton_impl()
     from . import chunked

@@ -35,10 +35,8 @@ class LinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, params: LogprobParams):
         impl = get_impl(params.backend, params.chunk_size)
-        kwargs = dict(temperature=params.temperature, ignore_index=params.ignore_index)
-        if params.backend == "torch":
-            kwargs["need_entropy"] = params.need_entropy
-        logp, lse, entropy = impl.logprobs_forward(hidden, weight, bias, targets, **kwargs)
+        logp, lse, entropy = impl.logprobs_forward(hidden, weight, bias, targets, temperature=params.temperature,
+                                                   ignore_index=params.ignore_index, need_entropy=params.need_entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.params = params
         ctx.mark_non_differentiable(lse)
@@ -51,12 +49,11 @@ class LinearLogprobs(torch.autograd.Function):
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         impl = get_impl(params.backend, params.chunk_size)
-        kwargs = dict(temperature=params.temperature, ignore_index=params.ignore_index)
-        if params.backend == "torch":
-            kwargs["needs"] = ctx.needs_input_grad[:3]
         grad_h, grad_w, grad_b = impl.logprobs_backward(hidden, weight, bias, targets, lse, grad_logp.contiguous(),
                                                         None if grad_entropy is None else grad_entropy.contiguous(),
-                                                        entropy, **kwargs)
+                                                        entropy, temperature=params.temperature,
+                                                        ignore_index=params.ignore_index,
+                                                        needs=ctx.needs_input_grad[:3])
         return grad_h, grad_w, grad_b, None, None
 
 
@@ -77,9 +74,8 @@ class LinearKL(torch.autograd.Function):
         s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, s_lse, t_lse, kl = ctx.saved_tensors
         params = ctx.params
         impl = get_impl(params.backend, params.chunk_size)
-        kwargs = dict(kind=params.kind, beta=params.beta, temperature=params.temperature)
-        if params.backend == "torch":
-            kwargs["needs"] = ctx.needs_input_grad[:3]
         grad_h, grad_w, grad_b = impl.kl_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask,
-                                                  s_lse, t_lse, kl, grad_kl.contiguous(), **kwargs)
+                                                  s_lse, t_lse, kl, grad_kl.contiguous(), kind=params.kind,
+                                                  beta=params.beta, temperature=params.temperature,
+                                                  needs=ctx.needs_input_grad[:3])
         return grad_h, grad_w, grad_b, None, None, None, None, None
