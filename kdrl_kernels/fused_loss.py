@@ -31,6 +31,10 @@ class TeacherInputs:
     bias: Optional[torch.Tensor] = None
     logprobs: Optional[torch.Tensor] = None
 
+    @property
+    def present(self) -> bool:
+        return self.hidden is not None or self.logprobs is not None
+
 
 @dataclass(frozen=True, eq=False)
 class FusedLossParams:
@@ -89,20 +93,19 @@ class FusedPolicyLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         w32, b32 = as_fp32(weight), as_fp32(bias)
         tw32, tb32 = as_fp32(teacher.weight), as_fp32(teacher.bias)
-        has_teacher = teacher.hidden is not None or teacher.logprobs is not None
-        n_buffers = 3 if params.need_exact_kl else (2 if params.need_entropy else 1)
+        # p needs its own buffer only when log p is still needed (exact KL, entropy); else it overwrites log p.
+        keep_logp = params.need_exact_kl or params.need_entropy
+        n_buffers = 3 if params.need_exact_kl else (2 if keep_logp else 1)
         chunk = params.chunk_size or default_chunk_size(weight.shape[0], max(n, 1), n_buffers)
         ws = Workspace(chunk, weight.shape[0], hidden.device)
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(start + chunk, n), device=hidden.device)
             tgt = targets[idx]
             t, logq = (_teacher_chunk(ws, teacher, tw32, tb32, idx, tgt, params.temperature, params.need_exact_kl)
-                       if has_teacher else (None, None))
+                       if teacher.present else (None, None))
             h = hidden[idx]
             logp = log_softmax_(chunk_logits(h, w32, b32, params.temperature, out=ws.take("z", idx.numel())))
             s = logp.gather(1, tgt[:, None]).squeeze(1)
-            # p needs its own buffer only when log p is still needed (exact KL, entropy); else it overwrites log p.
-            keep_logp = params.need_exact_kl or params.need_entropy
             p = torch.exp(logp, out=ws.take("p", idx.numel())) if keep_logp else logp.exp_()
             kl = None
             if params.need_exact_kl:

@@ -68,6 +68,11 @@ class KDRLConfig:
     def needs_teacher(self) -> bool:
         return self.objective != "grpo"
 
+    @property
+    def kl_in_loss(self) -> bool:
+        """The exact KL is a term of the loss (and gets a gradient), not only a metric."""
+        return self.kl_estimator == "exact" and self.objective in ("kd", "kdrl")
+
 
 def token_losses(s, t, old, adv, kl, cfg: KDRLConfig, beta: float):
     """Per-token policy-gradient and KD terms ``(pg, kd)`` (either may be None), each shaped like ``s``.
@@ -130,7 +135,7 @@ class KDRLLoss(torch.nn.Module):
                 raise ValueError("teacher_hidden needs teacher_weight")
             teacher_weight, teacher_bias = V.match_teacher_vocab(weight, teacher_weight, cfg.truncate_teacher_vocab,
                                                                  teacher_bias)
-        need_exact = (cfg.kl_estimator == "exact" and cfg.objective in ("kd", "kdrl")) or cfg.log_exact_kl
+        need_exact = cfg.kl_in_loss or cfg.log_exact_kl
         if need_exact and teacher_hidden is None:
             raise ValueError("the exact KL needs teacher_hidden and teacher_weight (log-probs are not enough)")
         mask = mask.bool()
@@ -152,22 +157,21 @@ class KDRLLoss(torch.nn.Module):
                                 None if teacher_bias is None else teacher_bias.detach(),
                                 None if teacher_logprobs is None else pick(teacher_logprobs).detach().float())
         old = None if old_logprobs is None else pick(old_logprobs).detach().float()
-        objective = functools.partial(_objective, cfg=cfg, beta=beta, adv=pick(adv), old=old, w_pg=pick(w_pg),
-                                      w_kd=pick(w_kd))
+        adv, w_pg, w_kd = pick(adv), pick(w_pg), pick(w_kd)
+        objective = functools.partial(_objective, cfg=cfg, beta=beta, adv=adv, old=old, w_pg=w_pg, w_kd=w_kd)
         backend = resolve_backend(cfg.backend, hidden.device)
         if backend == "torch" and cfg.single_pass:
-            params = FusedLossParams(objective, cfg.temperature, cfg.chunk_size, need_exact,
-                                     need_exact and cfg.kl_estimator == "exact" and cfg.objective in ("kd", "kdrl"),
+            params = FusedLossParams(objective, cfg.temperature, cfg.chunk_size, need_exact, cfg.kl_in_loss,
                                      cfg.compute_entropy)
             loss, stats = FusedPolicyLoss.apply(h, weight, bias, tgt, teacher, params)
             s, t, kl, ent = stats
-            t = t if (teacher.hidden is not None or teacher.logprobs is not None) else None
+            t = t if teacher.present else None
         else:
             loss, s, t, kl, ent = _composed_loss(cfg, backend, objective, h, weight, bias, tgt, teacher, need_exact)
         V.check_outputs_finite((loss, s, t, kl), hidden=hidden, weight=weight, bias=bias,
                                teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias)
         metrics = _metrics(cfg, loss, beta, s.detach(), t, kl if need_exact else None,
-                           ent if cfg.compute_entropy else None, old, pick(adv), pick(w_pg), pick(w_kd))
+                           ent if cfg.compute_entropy else None, old, adv, w_pg, w_kd)
         return loss, metrics
 
 
@@ -183,7 +187,7 @@ def _composed_loss(cfg, backend, objective, h, weight, bias, tgt, teacher, need_
     if need_exact:
         kl = fused_linear_kl(h, weight, teacher.hidden, teacher.weight, kind="reverse", student_bias=bias,
                              teacher_bias=teacher.bias, **common)
-        if cfg.kl_estimator != "exact":
+        if not cfg.kl_in_loss:
             kl = kl.detach()
     rows = torch.arange(h.shape[0], device=h.device)
     return objective(rows, s, t, kl), s, t, kl, ent.detach()
