@@ -28,7 +28,7 @@ if str(REPO) not in sys.path:          # `python bench/run.py` puts bench/ on th
 
 import torch  # noqa: E402
 
-from bench import gpu_report, memory, providers, report, results, timing, workloads  # noqa: E402
+from bench import gpu_report, isolated, memory, providers, report, results, timing, workloads  # noqa: E402
 
 SUMMARY_KEYS = ("workload", "model", "vocab", "n_tokens", "dtype", "device", "provider", "speed_ok", "flop_model",
                 "time_median_s", "time_p20_s", "time_p80_s", "tokens_per_s", "gflops_useful", "gflops_executed",
@@ -56,6 +56,8 @@ def parse_args(argv=None):
     ap.add_argument("--gpu-report", choices=["auto", "yes", "no"], default="auto",
                     help="static sm_80/sm_90 report (auto: not for --quick/--smoke)")
     ap.add_argument("--liger-eager", action="store_true", help="run Liger without torch.compile")
+    ap.add_argument("--in-process", action="store_true",
+                    help="CPU: time every provider in this process (default: a worker process per provider)")
     ap.add_argument("--interpret", action="store_true",
                     help="with --smoke: also run our Triton kernels under TRITON_INTERPRET=1 (labelled, not timed)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
@@ -92,17 +94,47 @@ def plan(args):
     return name, cases, warmup, repeats, pre
 
 
-def _preflight(provs, inp, case, progress):
-    """Run each provider once (this is the first warm-up round); drop and report those that fail."""
+def _preflight(provs, step, progress):
+    """Run each provider once (this is the first warm-up round); drop and report those that fail.
+
+    ``step(provider) -> (seconds, loss)`` runs one step in process or in the provider's worker.
+    """
     ok, notes, losses = [], {}, {}
     for p in provs:
         progress(f"{p.name} first step")
         try:
-            losses[p.name] = timing.time_step(p, inp, case)[1]
+            losses[p.name] = step(p)[1]
             ok.append(p)
         except Exception as err:  # one broken provider must not sink the others' results
             notes[p.name] = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     return ok, notes, losses
+
+
+def _time_providers(ready, case, args, ctx, progress):
+    """First step, then interleaved warm-up and timed rounds; returns ``(ready, notes, first_losses, raw)``.
+
+    On CPU every speed provider runs in a worker process of its own (``bench/isolated.py``) unless
+    ``--in-process``; interpreter providers (not speeds) always run here, once.
+    """
+    isolate = case.device == "cpu" and not args.in_process
+    speed = [p for p in ready if p.speed_ok]
+    inp = None
+    if not isolate or len(speed) < len(ready):
+        inp = workloads.make_inputs(case)
+    local_step = (lambda p: timing.time_step(p, inp, case))
+    if not isolate:
+        ready, notes, losses = _preflight(ready, local_step, progress)
+        raw = timing.run_interleaved([p for p in ready if p.speed_ok], inp, case, max(ctx["warmup"] - 1, 0),
+                                     ctx["repeats"], progress)
+        return ready, notes, losses, raw
+    with isolated.Pool(case, speed, not args.liger_eager, args.threads) as pool:
+        ok, notes, losses = _preflight(speed, pool.step, progress)
+        raw = timing.run_interleaved(ok, None, case, max(ctx["warmup"] - 1, 0), ctx["repeats"], progress,
+                                     step=lambda p, _inp, _case: pool.step(p))
+    others, more_notes, more_losses = _preflight([p for p in ready if not p.speed_ok], local_step, progress)
+    notes.update(more_notes)
+    losses.update(more_losses)
+    return ok + others, notes, losses, raw
 
 
 def run_case(case, provs, args, ctx, progress):
@@ -117,13 +149,11 @@ def run_case(case, provs, args, ctx, progress):
             ready.append(p)
         elif case.workload in p.workloads:      # "does not implement" is not news; missing pieces are
             notes[p.name] = f"skipped: {reason}"
-    inp = workloads.make_inputs(case)
-    ready, failed, first_losses = _preflight(ready, inp, case, progress)
+    ready, failed, first_losses, raw = _time_providers(ready, case, args, ctx, progress)
     notes.update(failed)
-    timed = [p for p in ready if p.speed_ok]      # interpreter runs: one step for the loss, never timed
-    raw = timing.run_interleaved(timed, inp, case, max(ctx["warmup"] - 1, 0), ctx["repeats"], progress)
     mems = {}
     if not args.no_memory:
+        inp = workloads.make_inputs(case) if case.device == "cuda" else None
         for p in ready:
             if not p.speed_ok:
                 continue
@@ -135,7 +165,7 @@ def run_case(case, provs, args, ctx, progress):
                     extra = memory.measure_subprocess(case, p.name, not args.liger_eager, args.threads)
                 else:
                     continue
-                mems[p.name] = (extra, extra - inp.grad_bytes())
+                mems[p.name] = (extra, extra - workloads.grad_bytes(case))
             except Exception as err:
                 notes[p.name] = f"memory probe failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
     recs = []
@@ -150,7 +180,6 @@ def run_case(case, provs, args, ctx, progress):
     for name, note in notes.items():
         recs.append(dict(case.as_dict(), provider=name, note=note, run_id=ctx["run_id"], preset=ctx["preset"],
                          speed_ok=False, **ctx["meta"]))
-    del inp
     gc.collect()
     return results.add_ratios(recs)
 

@@ -52,10 +52,12 @@ def rotation(items, round_index):
     return list(items[k:]) + list(items[:k])
 
 
-def run_interleaved(providers, inp, case, warmup, repeats, progress=None):
+def run_interleaved(providers, inp, case, warmup, repeats, progress=None, step=time_step):
     """Time every provider on the same inputs: ``warmup`` untimed rounds, then ``repeats`` timed rounds.
 
     Returns ``{name: {"times": [s, ...], "loss": float}}``. ``progress(msg)`` is called before each step.
+    ``step(provider, inp, case) -> (seconds, loss)`` runs one step (default: here, on ``inp``; the isolated
+    runner passes one that asks the provider's worker process).
     """
     out = {p.name: {"times": [], "loss": None} for p in providers}
     rounds = warmup + repeats
@@ -64,7 +66,7 @@ def run_interleaved(providers, inp, case, warmup, repeats, progress=None):
             tag = "warm-up" if r < warmup else f"repeat {r - warmup + 1}/{repeats}"
             if progress:
                 progress(f"{p.name} {tag}")
-            seconds, loss = time_step(p, inp, case)
+            seconds, loss = step(p, inp, case)
             out[p.name]["loss"] = loss
             if r >= warmup:
                 out[p.name]["times"].append(seconds)

@@ -185,6 +185,11 @@ class Inputs:
         return sum(t.numel() * t.element_size() for t in (self.hidden, self.weight))
 
 
+def grad_bytes(case: Case) -> int:
+    """Bytes of dH ``(N, d)`` and dW ``(V, d)`` in the input dtype: what every provider's step returns."""
+    return (case.n_tokens + case.vocab) * case.d * torch.empty((), dtype=case.torch_dtype).element_size()
+
+
 def make_inputs(case: Case, seed: int = 0) -> Inputs:
     """Random inputs with logits of standard deviation about 2 (a trained LM head's range, not a flat softmax)."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,4 +1,5 @@
 """Unit tests of the benchmark harness: FLOP model, percentiles, presets, result files, targets, the CLI contract."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -210,3 +211,28 @@ def test_cli_filters_and_replacements():
     assert all(c.d == 64 and c.vocab == 2048 for c in plan("--smoke", "--tokens", "128"))
     with pytest.raises(SystemExit):
         plan("--smoke", "--tokens", "300")     # not a multiple of the 256-token sequences
+
+
+def test_isolated_workers_give_the_in_process_loss_and_report_failures():
+    """Each provider in its own process (the default on CPU) sees the same inputs as an in-process run."""
+    from bench import isolated, providers
+    case = workloads.preset("smoke").cases[0]
+    provs = providers.select(["naive", "ours-kdrlloss"])
+    inp = workloads.make_inputs(case)
+    local = {p.name: timing.time_step(p, inp, case)[1] for p in provs}
+    with isolated.Pool(case, provs) as pool:
+        for p in provs:
+            seconds, loss = pool.step(p)
+            assert seconds > 0 and loss == pytest.approx(local[p.name], rel=1e-5, abs=1e-6)
+        raw = timing.run_interleaved(provs, None, case, 0, 2, step=lambda p, _i, _c: pool.step(p))
+        assert all(len(raw[p.name]["times"]) == 2 for p in provs)
+    assert all(w.proc.poll() is not None for w in pool.workers.values())   # no worker outlives the pool
+    bad = dataclasses.replace(case, workload="grpo")
+    (lce,) = providers.select(["liger-jsd"])                   # liger-jsd has no grpo: its step must fail
+    with isolated.Pool(bad, [lce]) as pool, pytest.raises(isolated.WorkerError):
+        pool.step(lce)
+
+
+def test_grad_bytes_of_a_case_match_its_inputs():
+    case = workloads.preset("smoke").cases[0]
+    assert workloads.grad_bytes(case) == workloads.make_inputs(case).grad_bytes()
