@@ -160,8 +160,10 @@ def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
         f.update({f"loss.{k}": v for k, v in (tree.get("loss") or {}).items()})
         return f
     a, b = flat(saved), flat(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k)}
+    free = set(RESUME_FREE_KEYS)
+    if b.get("loss.beta_schedule") == "cosine" and not b.get("loss.total_steps"):
+        free.discard("run.steps")  # run.steps is then the cosine schedule's length: changing it reshapes beta
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in free and a.get(k) != b.get(k)}
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -402,8 +404,8 @@ class Trainer:
         with timer("weight_sync"):  # the hf generator takes a partial state dict: only what LoRA changed
             self.generator.update_weights(self.rollout_weights(changed_only=cfg.rollout.backend == "hf"))
         self.step += 1
-        if lc.objective in ("grpo", "trrd"):  # no KD term: the kernel reports the configured beta anyway
-            sums["beta"] = 0.0
+        if lc.objective in ("grpo", "trrd", "kd"):  # the KD coefficient applied, not the configured beta:
+            sums["beta"] = 1.0 if lc.objective == "kd" else 0.0  # kd weighs its KL by 1, grpo/trrd have none
         metrics = {**rollout_stats, **sums, "lr": self.optimizer.param_groups[0]["lr"]}
         metrics.update({f"time_{k}": v for k, v in timer.items()})
         metrics["time_step"] = time.perf_counter() - t_start

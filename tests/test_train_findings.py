@@ -119,6 +119,21 @@ def test_resume_refuses_a_changed_config_unless_allowed(pair, tmp_path, capsys):
     assert set(record["changes"]) == {"loss.beta", "optim.lr"}  # run.steps may change freely
 
 
+def test_extending_a_cosine_run_counts_as_a_config_change():
+    from kdrl.train import config_changes
+    saved = load_config(None, ["loss.objective=grpo", "run.steps=10"]).to_dict()
+    longer = load_config(None, ["loss.objective=grpo", "run.steps=20"]).to_dict()
+    assert config_changes(saved, longer) == {}  # a longer run may resume
+    cos = ["loss.objective=grpo", "loss.beta_schedule=cosine"]
+    saved = load_config(None, cos + ["run.steps=10"]).to_dict()
+    assert set(config_changes(saved, load_config(None, cos + ["run.steps=20"]).to_dict())) == {"run.steps"}
+
+
+def test_kd_logs_its_coefficient(pair, tmp_path):
+    (m,) = Trainer(load_config(None, settings(pair, tmp_path) + ["loss.objective=kd"])).run()
+    assert m["beta"] == 1.0 and m["kd_loss"] > 0
+
+
 def test_resume_prints_what_it_resumes_from(pair, tmp_path, capsys):
     base = settings(pair, tmp_path, steps=1)
     Trainer(load_config(None, base)).run()
