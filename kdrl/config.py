@@ -1,8 +1,10 @@
 """The trainer's configuration: plain dataclasses, loaded from YAML, overridden with ``--set section.key=value``.
 
 Every field carries its documentation in ``metadata["help"]``; ``python -m kdrl.train --describe`` prints them all.
-The loss section is passed verbatim to ``kdrl_kernels.KDRLConfig`` (its own docstring documents those fields), so
-the trainer never re-declares the loss library's options.
+The loss section becomes a ``kdrl_kernels.KDRLConfig`` (its own docstring documents those fields) through
+:func:`loss_config`, which adds the fields derived from other sections (``temperature`` from
+``rollout.temperature``, ``total_steps`` from ``run.steps``) and refuses duplicates of trainer knobs; the trainer
+never re-declares the loss library's options. :func:`validate` builds it at load time, before any model is loaded.
 """
 from __future__ import annotations
 
@@ -100,7 +102,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     loss: dict = field(default_factory=lambda: {"objective": "grpo"},
-                       metadata={"help": "keyword arguments of kdrl_kernels.KDRLConfig (objective, beta, ...)"})
+                       metadata={"help": "keyword arguments of kdrl_kernels.KDRLConfig (objective, beta, ...); "
+                                         "temperature comes from rollout.temperature, see loss_config"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
