@@ -185,6 +185,15 @@ def loss_config(cfg: TrainConfig):
         loss["total_steps"] = cfg.run.steps
     if loss.get("objective") == "grpo":
         loss["log_exact_kl"] = False
+    numeric = {f.name for f in dataclasses.fields(KDRLConfig) if isinstance(f.default, (int, float))
+               and not isinstance(f.default, bool)} | {"total_steps", "max_len", "dual_clip", "chunk_size", "trrd_clamp"}
+    for key in numeric & set(loss):
+        if isinstance(loss[key], str):  # YAML reads 2e-3 (no dot) as a string
+            try:
+                value = float(loss[key])
+                loss[key] = int(value) if key in ("total_steps", "max_len", "chunk_size") else value
+            except ValueError:
+                raise ValueError(f"loss.{key} must be a number, got {loss[key]!r}") from None
     try:
         return KDRLConfig(**loss)
     except TypeError as err:  # an unknown keyword

@@ -154,16 +154,24 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 
 def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
-    """``key -> (saved, new)`` for every training-relevant config key that differs (loss keys one by one)."""
+    """``key -> (saved, new)`` for every training-relevant config key that differs.
+
+    The loss sections are compared as the KDRLConfig they give (:func:`kdrl.config.loss_config`), so an explicit
+    default is no change, and a derived field that moves (the cosine ``total_steps`` that follows ``run.steps``)
+    is one. A saved config that no longer validates is compared as written.
+    """
+    from kdrl.config import _build
     def flat(tree):
         f = _flat({k: v for k, v in tree.items() if k != "loss"})
-        f.update({f"loss.{k}": v for k, v in (tree.get("loss") or {}).items()})
+        try:
+            loss = dataclasses.asdict(loss_config(_build(TrainConfig, tree, "")))
+        except (ValueError, TypeError):
+            loss = tree.get("loss") or {}
+        f.update({f"loss.{k}": v for k, v in loss.items()})
         return f
     a, b = flat(saved), flat(new)
-    free = set(RESUME_FREE_KEYS)
-    if b.get("loss.beta_schedule") == "cosine" and not b.get("loss.total_steps"):
-        free.discard("run.steps")  # run.steps is then the cosine schedule's length: changing it reshapes beta
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in free and a.get(k) != b.get(k)}
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k)}
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

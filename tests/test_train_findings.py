@@ -66,6 +66,11 @@ def test_cosine_schedule_takes_total_steps_from_run_steps(pair, tmp_path):
 
 
 # ---- 4. one knob for advantage scaling -----------------------------------------------------------------------
+def test_loss_numbers_written_without_a_dot_are_numbers():
+    lc = loss_config(load_config(None, ["loss.objective=grpo", "loss.beta=2e-3", "loss.total_steps=1e2"]))
+    assert lc.beta == 0.002 and lc.total_steps == 100 and isinstance(lc.total_steps, int)
+
+
 def test_loss_scale_rewards_is_refused_naming_rollout_scale_advantages():
     with pytest.raises(ValueError, match="rollout.scale_advantages"):
         load_config(None, ["loss.objective=grpo", "loss.scale_rewards=false"])
@@ -126,7 +131,9 @@ def test_extending_a_cosine_run_counts_as_a_config_change():
     assert config_changes(saved, longer) == {}  # a longer run may resume
     cos = ["loss.objective=grpo", "loss.beta_schedule=cosine"]
     saved = load_config(None, cos + ["run.steps=10"]).to_dict()
-    assert set(config_changes(saved, load_config(None, cos + ["run.steps=20"]).to_dict())) == {"run.steps"}
+    assert config_changes(saved, load_config(None, cos + ["run.steps=20"]).to_dict()) == {"loss.total_steps": (10, 20)}
+    explicit = load_config(None, cos + ["run.steps=10", "loss.beta=2e-3", "loss.temperature=1.0"]).to_dict()
+    assert config_changes(saved, explicit) == {}  # explicit defaults / derived values are no change
 
 
 def test_kd_logs_its_coefficient(pair, tmp_path):
