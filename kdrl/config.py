@@ -1,8 +1,10 @@
 """The trainer's configuration: plain dataclasses, loaded from YAML, overridden with ``--set section.key=value``.
 
 Every field carries its documentation in ``metadata["help"]``; ``python -m kdrl.train --describe`` prints them all.
-The loss section is passed verbatim to ``kdrl_kernels.KDRLConfig`` (its own docstring documents those fields), so
-the trainer never re-declares the loss library's options.
+The loss section becomes a ``kdrl_kernels.KDRLConfig`` (its own docstring documents those fields) through
+:func:`loss_config`, which adds the fields derived from other sections (``temperature`` from
+``rollout.temperature``, ``total_steps`` from ``run.steps``) and refuses duplicates of trainer knobs; the trainer
+never re-declares the loss library's options. :func:`validate` builds it at load time, before any model is loaded.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ class RolloutConfig:
     prompts_per_step: int = opt(2, "prompts per optimizer step")
     group_size: int = opt(4, "G: sampled responses per prompt (the group of group-normalised advantages)")
     max_new_tokens: int = opt(256, "response token budget")
-    temperature: float = opt(1.0, "sampling temperature (the loss is computed at temperature 1)")
+    temperature: float = opt(1.0, "sampling temperature; also the loss temperature (student, teacher and old "
+                                  "log-probs are all scored at the distribution the rollouts were sampled from)")
     top_p: float = opt(1.0, "nucleus sampling threshold")
     scale_advantages: bool = opt(True, "divide advantages by the group std; false = Dr. GRPO (centring only)")
     grader_timeout: float = opt(3.0, "seconds allowed to kdrl.grading.grade per response")
@@ -99,7 +102,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
     loss: dict = field(default_factory=lambda: {"objective": "grpo"},
-                       metadata={"help": "keyword arguments of kdrl_kernels.KDRLConfig (objective, beta, ...)"})
+                       metadata={"help": "keyword arguments of kdrl_kernels.KDRLConfig (objective, beta, ...); "
+                                         "temperature comes from rollout.temperature, see loss_config"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -157,6 +161,47 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
     return cfg
 
 
+def loss_config(cfg: TrainConfig):
+    """The ``kdrl_kernels.KDRLConfig`` of the run: the ``loss`` section plus the fields derived from elsewhere.
+
+    - ``temperature`` is ``rollout.temperature``: the ratio and the KD terms are computed under the distribution the
+      rollouts were sampled from. Setting ``loss.temperature`` to another value is an error.
+    - ``total_steps`` (cosine beta schedule) defaults to ``run.steps``: the schedule advances once per rollout step.
+    - ``scale_rewards`` is not accepted: the trainer computes advantages itself, ``rollout.scale_advantages`` decides.
+    - GRPO has no KD term: ``log_exact_kl`` is dropped (there is no teacher to compare with).
+    Raises ValueError naming the field when the loss section is invalid.
+    """
+    from kdrl_kernels import KDRLConfig
+    loss = dict(cfg.loss)
+    if "scale_rewards" in loss:
+        raise ValueError("loss.scale_rewards is not used by the trainer (it passes advantages): set "
+                         "rollout.scale_advantages instead")
+    t = cfg.rollout.temperature
+    if "temperature" in loss and float(loss["temperature"]) != float(t):
+        raise ValueError(f"loss.temperature={loss['temperature']} differs from rollout.temperature={t}: the loss "
+                         "temperature is the rollout temperature; set rollout.temperature only")
+    loss["temperature"] = t
+    if loss.get("beta_schedule") == "cosine" and not loss.get("total_steps"):
+        loss["total_steps"] = cfg.run.steps
+    if loss.get("objective") == "grpo":
+        loss["log_exact_kl"] = False
+    numeric = {f.name for f in dataclasses.fields(KDRLConfig) if isinstance(f.default, (int, float))
+               and not isinstance(f.default, bool)} | {"total_steps", "max_len", "dual_clip", "chunk_size", "trrd_clamp"}
+    for key in numeric & set(loss):
+        if isinstance(loss[key], str):  # YAML reads 2e-3 (no dot) as a string
+            try:
+                value = float(loss[key])
+                loss[key] = int(value) if key in ("total_steps", "max_len", "chunk_size") else value
+            except ValueError:
+                raise ValueError(f"loss.{key} must be a number, got {loss[key]!r}") from None
+    try:
+        return KDRLConfig(**loss)
+    except TypeError as err:  # an unknown keyword
+        raise ValueError(f"invalid loss section: {err}") from None
+    except ValueError as err:
+        raise ValueError(f"invalid loss section: {err}") from None
+
+
 def validate(cfg: TrainConfig) -> None:
     """Reject settings that cannot work, naming the field and the allowed range."""
     r, o = cfg.rollout, cfg.optim
@@ -178,6 +223,11 @@ def validate(cfg: TrainConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    lc = loss_config(cfg)  # the loss library's own checks, before any model is loaded
+    if lc.needs_teacher and not cfg.model.teacher:
+        raise ValueError(f"loss.objective={lc.objective!r} needs model.teacher")
+    if lc.beta_schedule == "cosine" and (lc.total_steps or 0) <= 0:
+        raise ValueError("loss.beta_schedule=cosine needs loss.total_steps > 0 (default: run.steps)")
 
 
 def describe(cls=TrainConfig, prefix: str = "") -> str:

@@ -9,7 +9,10 @@ reward-guided masks) and TRRD differ only in the ``loss`` section of the config.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
+import sys
 import resource
 import time
 from contextlib import contextmanager
@@ -18,10 +21,10 @@ from pathlib import Path
 import torch
 
 from kdrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from kdrl.config import TrainConfig, describe, load_config
+from kdrl.config import TrainConfig, describe, load_config, loss_config, validate
 from kdrl.logging import MetricsLogger
 from kdrl.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
-from kdrl_kernels import KDRLConfig, KDRLLoss
+from kdrl_kernels import KDRLLoss
 
 __all__ = ["Trainer", "main", "decoder", "hidden_states", "backward_microbatches"]
 
@@ -97,6 +100,8 @@ def backward_microbatches(model, loss_fn: KDRLLoss, batch: RolloutBatch, *, micr
     ``teacher_logprobs (B, T)`` and ``old_logprobs (B, T)`` are sliced along with the batch. ``after_backward()`` runs after each backward
     (the fp32 master accumulation). Returns the batch's loss metrics (share-weighted means).
     """
+    if loss_fn.config.kd_mask == "group_all_wrong":
+        batch = kd_groups_whole(batch)
     share = _SHARES[loss_fn.config.aggregation]
     total = max(share(batch.mask), 1.0)
     weight = model.get_output_embeddings().weight
@@ -118,6 +123,55 @@ def backward_microbatches(model, loss_fn: KDRLLoss, batch: RolloutBatch, *, micr
             after_backward()
         _merge(sums, metrics, scale)
     return sums
+
+
+def kd_groups_whole(batch: RolloutBatch) -> RolloutBatch:
+    """``batch`` with ``correct`` replaced by "some response of my group is correct", computed over all its rows.
+
+    ``kd_mask=group_all_wrong`` decides per group, but ``KDRLLoss`` only sees the rows of one micro-batch; with this
+    per-group value a micro-batch (or update mini-batch) that holds part of a group gets the whole group's answer.
+    Idempotent. Use only for ``group_all_wrong`` (``incorrect`` needs the per-response value).
+    """
+    solved = torch.zeros(int(batch.group_ids.max()) + 1).index_add_(0, batch.group_ids, batch.correct.float())
+    return dataclasses.replace(batch, correct=solved[batch.group_ids] > 0)
+
+
+# Config keys that may change between a run and its resume: run length, logging and evaluation, not the training.
+RESUME_FREE_KEYS = {"run.steps", "run.resume", "run.progress", "run.threads", "run.tensorboard", "run.save_every",
+                    "run.keep_checkpoints", "run.eval_every", "run.eval_task", "run.eval_limit",
+                    "run.eval_max_new_tokens", "run.export_final", "run.output_dir", "rollout.vllm_kwargs",
+                    "rollout.backend", "rollout.grader_timeout"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and (prefix or k != "loss") and k != "vllm_kwargs":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
+    """``key -> (saved, new)`` for every training-relevant config key that differs.
+
+    The loss sections are compared as the KDRLConfig they give (:func:`kdrl.config.loss_config`), so an explicit
+    default is no change, and a derived field that moves (the cosine ``total_steps`` that follows ``run.steps``)
+    is one. A saved config that no longer validates is compared as written.
+    """
+    from kdrl.config import _build
+    def flat(tree):
+        f = _flat({k: v for k, v in tree.items() if k != "loss"})
+        try:
+            loss = dataclasses.asdict(loss_config(_build(TrainConfig, tree, "")))
+        except (ValueError, TypeError):
+            loss = tree.get("loss") or {}
+        f.update({f"loss.{k}": v for k, v in loss.items()})
+        return f
+    a, b = flat(saved), flat(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k)}
 
 
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -146,21 +200,24 @@ def _merge(sums: dict, metrics: dict, scale: float) -> None:
 class Trainer:
     """Holds the models, optimizer, generator and data position of one run. :meth:`run` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, allow_config_change: bool = False):
         from kdrl.data import load_task
         from kdrl.models import load_model_and_tokenizer, resolve_model
 
+        validate(cfg)  # every configuration error before any model is loaded
         self.cfg = cfg
+        self.output_dir = Path(cfg.run.output_dir)
+        ckpt = latest_checkpoint(self.output_dir) if cfg.run.resume else None
+        if ckpt is not None:
+            self._check_resume(ckpt, allow_config_change)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
-        self.loss_fn = KDRLLoss(KDRLConfig(**cfg.loss))
+        self.loss_fn = KDRLLoss(loss_config(cfg))
         lc = self.loss_fn.config
-        if lc.needs_teacher and not cfg.model.teacher:
-            raise ValueError(f"loss.objective={lc.objective!r} needs model.teacher")
-        if lc.kd_mask == "group_all_wrong" and cfg.optim.micro_batch_size % cfg.rollout.group_size:
-            raise ValueError("loss.kd_mask=group_all_wrong needs optim.micro_batch_size to be a multiple of "
-                             "rollout.group_size (a micro-batch must hold whole groups)")
+        if lc.objective == "grpo" and cfg.model.teacher:
+            print(f"kdrl.train: loss.objective=grpo has no KD term: model.teacher={cfg.model.teacher!r} is not "
+                  "loaded", file=sys.stderr)
         dtype = getattr(torch, cfg.model.dtype)
         self.student_path = resolve_model(cfg.model.student)
         self.model, self.tokenizer = load_model_and_tokenizer(self.student_path, dtype=dtype)
@@ -175,14 +232,29 @@ class Trainer:
         self.problems = load_task(cfg.data.task, limit=cfg.data.limit)
         self.sampler = PromptSampler(self.problems, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         self.step = 0
-        self.output_dir = Path(cfg.run.output_dir)
-        ckpt = latest_checkpoint(self.output_dir) if cfg.run.resume else None
         if ckpt is not None:
             state = load_checkpoint(ckpt, self.master.params, self.optimizer)
             self.master.publish()
             self.sampler.load_state_dict(state["sampler"])
             self.step = state["step"]
         self.generator = self._make_generator()
+
+    def _check_resume(self, ckpt: Path, allow_config_change: bool) -> None:
+        """Say what is resumed; refuse a changed training config unless ``allow_config_change`` (then log it)."""
+        state = json.loads((ckpt / "state.json").read_text())
+        print(f"kdrl.train: resuming from {ckpt} (step {state['step']})", file=sys.stderr)
+        changes = config_changes(state.get("config") or {}, self.cfg.to_dict())
+        if not changes:
+            return
+        listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        if not allow_config_change:
+            raise ValueError(f"resuming {ckpt} with a changed config ({listing}): use another run.output_dir, "
+                             "set run.resume=false, or pass --allow-config-change to continue with the new values")
+        print(f"kdrl.train: config changed on resume at step {state['step']}: {listing}", file=sys.stderr)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with (self.output_dir / "config_changes.jsonl").open("a") as f:
+            f.write(json.dumps({"step": state["step"], "checkpoint": str(ckpt),
+                                "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()}}) + "\n")
 
     def _setup_trainable(self, cfg: TrainConfig) -> None:
         """Wrap with LoRA if asked, pick the trainable tensors, build fp32 masters and the AdamW optimizer."""
@@ -289,7 +361,8 @@ class Trainer:
                                  "loss.truncate_teacher_vocab=true if the extra teacher rows are padding")
             weight = weight[:vocab]
         return {"teacher_logprobs": torch.cat([
-            fused_linear_logprobs(hidden_states(self.teacher, p), weight, p.targets.masked_fill(~p.mask, -100))
+            fused_linear_logprobs(hidden_states(self.teacher, p), weight, p.targets.masked_fill(~p.mask, -100),
+                                  temperature=lc.temperature)
             for p in parts])}
 
     @torch.no_grad()
@@ -301,7 +374,8 @@ class Trainer:
         for i in range(0, len(batch), mb):
             part = batch.rows(i, i + mb)
             targets = part.targets.masked_fill(~part.mask, -100)
-            out.append(fused_linear_logprobs(hidden_states(self.model, part), weight, targets))
+            out.append(fused_linear_logprobs(hidden_states(self.model, part), weight, targets,
+                                             temperature=self.loss_fn.config.temperature))
         return torch.cat(out)
 
     def train_step(self) -> dict:
@@ -309,6 +383,10 @@ class Trainer:
         timer, cfg = Timer(), self.cfg
         t_start = time.perf_counter()
         batch = self.rollout(timer)
+        rollout_stats = rollout_metrics(batch)
+        lc = self.loss_fn.config
+        if lc.kd_mask == "group_all_wrong":  # decided on the whole rollout batch, before any split
+            batch = kd_groups_whole(batch)
         with timer("teacher"):
             teacher = self.teacher_signal(batch)
         old = None
@@ -320,13 +398,13 @@ class Trainer:
         sums: dict[str, float] = {}
         for u in range(n_updates):
             mini = batch.rows(u * size, (u + 1) * size)
-            opt_step = self.step * n_updates + u
+            opt_step = self.step * n_updates + u  # warmup counts optimizer steps; the beta schedule rollout steps
             rows = slice(u * size, (u + 1) * size)
             with timer("student_fwd_bwd"):
                 m = backward_microbatches(
                     self.model, self.loss_fn, mini, micro_batch_size=cfg.optim.micro_batch_size,
                     **{k: v if k == "teacher_weight" else v[rows] for k, v in teacher.items()},
-                    old_logprobs=None if old is None else old[rows], step=opt_step,
+                    old_logprobs=None if old is None else old[rows], step=self.step,
                     after_backward=self.master.accumulate)
             with timer("optimizer"):
                 m["grad_norm"] = self._optimizer_step(opt_step)
@@ -334,7 +412,9 @@ class Trainer:
         with timer("weight_sync"):  # the hf generator takes a partial state dict: only what LoRA changed
             self.generator.update_weights(self.rollout_weights(changed_only=cfg.rollout.backend == "hf"))
         self.step += 1
-        metrics = {**rollout_metrics(batch), **sums, "lr": self.optimizer.param_groups[0]["lr"]}
+        if lc.objective in ("grpo", "trrd", "kd"):  # the KD coefficient applied, not the configured beta:
+            sums["beta"] = 1.0 if lc.objective == "kd" else 0.0  # kd weighs its KL by 1, grpo/trrd have none
+        metrics = {**rollout_stats, **sums, "lr": self.optimizer.param_groups[0]["lr"]}
         metrics.update({f"time_{k}": v for k, v in timer.items()})
         metrics["time_step"] = time.perf_counter() - t_start
         metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
@@ -409,13 +489,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML file with the sections of kdrl.config.TrainConfig")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one field, e.g. --set rollout.group_size=8 (repeatable)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume although the config differs from the checkpoint's (the change is logged to "
+                             "<output_dir>/config_changes.jsonl)")
     parser.add_argument("--describe", action="store_true", help="print every config field with its help and exit")
     args = parser.parse_args(argv)
     if args.describe:
         print(describe())
         return
     cfg = load_config(args.config, args.set)
-    Trainer(cfg).run()
+    Trainer(cfg, allow_config_change=args.allow_config_change).run()
 
 
 if __name__ == "__main__":

@@ -38,12 +38,13 @@ def test_every_field_is_documented():
 
 def test_shipped_configs_load():
     from pathlib import Path
-    from kdrl_kernels import KDRLConfig
+    from kdrl.config import loss_config
     configs = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
     assert len(configs) >= 7
     for path in configs:
         cfg = load_config(path)
-        KDRLConfig(**cfg.loss)  # the loss section is valid for the loss library
+        lc = loss_config(cfg)  # the loss section, with its derived fields, is valid for the loss library
+        assert lc.temperature == cfg.rollout.temperature
 
 
 def _optimizer_with_state():
