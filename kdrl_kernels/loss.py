@@ -269,8 +269,6 @@ def _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, te
             V.check_same_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
             if teacher_bias is not None:
                 V.check_vector("teacher_bias", teacher_bias, teacher_weight.shape[0])
-    elif teacher_weight is not None or teacher_bias is not None:
-        raise ValueError("teacher_weight / teacher_bias need teacher_hidden (B, T, d_t)")
     if correct is not None:
         V.check_vector("correct", correct, b, dtype_kind="bool")
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, mask=mask, old_logprobs=old_logprobs,
