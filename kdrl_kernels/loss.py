@@ -136,6 +136,9 @@ class KDRLLoss(torch.nn.Module):
                 old_logprobs=None, teacher_hidden=None, teacher_weight=None, teacher_logprobs=None, step=None,
                 bias=None, teacher_bias=None):
         cfg = self.config
+        if not isinstance(cfg, KDRLConfig):
+            raise TypeError(f"config must be a KDRLConfig, got {type(cfg).__name__}")
+        cfg.__post_init__()  # a few scalar checks: catches fields changed after construction
         mask = _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, teacher_weight,
                             teacher_logprobs, bias, teacher_bias, correct)
         V.check_int("step", step, low=0, allow_none=True)

@@ -236,6 +236,21 @@ VAGUE = [  # used to end in AttributeError / deep RuntimeError / a misleading me
     ("mode", lambda: O.kd_sequence_mask(torch.ones(4, dtype=torch.bool), mode="all")),
 ]
 
+def _mutated_config():
+    fn = KDRLLoss(objective="grpo")
+    fn.config.eps_high = float("nan")
+    b = loss_inputs()
+    return fn(b["hidden"], b["weight"], b["targets"], b["mask"], advantages=torch.ones(B))
+
+
+def _not_a_config():
+    b = loss_inputs()
+    return KDRLLoss({"objective": "grpo"})(b["hidden"], b["weight"], b["targets"], b["mask"],
+                                            advantages=torch.ones(B))
+
+
+VAGUE += [("eps_high", _mutated_config), ("config", _not_a_config)]
+
 ALL = WRONG_VALUES + ACCEPTED_MISTAKES + DTYPE_POLICY + VAGUE
 
 
