@@ -15,7 +15,7 @@ import torch
 from . import objectives as O
 from . import validation as V
 from .api import fused_linear_kl, fused_linear_logprobs
-from .backend import resolve_backend
+from .backend import BACKENDS, resolve_backend
 from .fused_loss import FusedLossParams, FusedPolicyLoss, TeacherInputs
 
 __all__ = ["KDRLConfig", "KDRLLoss", "token_losses"]
@@ -53,16 +53,25 @@ class KDRLConfig:
 
     def __post_init__(self):
         choices = {"objective": OBJECTIVES, "kl_estimator": O.KL_ESTIMATORS + ("exact",),
-                   "beta_schedule": O.BETA_SCHEDULES, "kd_mask": O.KD_MASKS, "aggregation": O.AGGREGATIONS}
+                   "beta_schedule": O.BETA_SCHEDULES, "kd_mask": O.KD_MASKS, "aggregation": O.AGGREGATIONS,
+                   "backend": BACKENDS}
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+            V.check_choice(name, getattr(self, name), allowed)
         for name in ("eps_low", "eps_high", "beta", "beta_min", "beta_decay"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.trrd_alpha <= 1.0:
-            raise ValueError(f"trrd_alpha must be in [0, 1], got {self.trrd_alpha}")
+            V.check_number(name, getattr(self, name), low=0.0)
+        V.check_number("eps_low", self.eps_low, high=1.0)  # 1 - eps_low is the lower clip of a ratio > 0
+        V.check_number("trrd_alpha", self.trrd_alpha, low=0.0, high=1.0)
+        V.check_number("dual_clip", self.dual_clip, low=1.0, low_open=True, allow_none=True)
+        V.check_number("trrd_clamp", self.trrd_clamp, low=0.0, low_open=True, allow_none=True)
+        V.check_number("adv_eps", self.adv_eps, low=0.0)
+        V.check_int("total_steps", self.total_steps, low=1, allow_none=True)
+        V.check_int("max_len", self.max_len, low=1, allow_none=True)
+        if self.beta_schedule == "cosine" and self.total_steps is None:
+            raise ValueError("total_steps must be set (an int >= 1) for beta_schedule='cosine'")
+        V.check_chunk_size(self.chunk_size)
         V.check_temperature(self.temperature)
+        for name in ("scale_rewards", "truncate_teacher_vocab", "compute_entropy", "log_exact_kl", "single_pass"):
+            V.check_bool(name, getattr(self, name))
 
     @property
     def needs_teacher(self) -> bool:
@@ -127,7 +136,12 @@ class KDRLLoss(torch.nn.Module):
                 old_logprobs=None, teacher_hidden=None, teacher_weight=None, teacher_logprobs=None, step=None,
                 bias=None, teacher_bias=None):
         cfg = self.config
-        _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, teacher_logprobs)
+        if not isinstance(cfg, KDRLConfig):
+            raise TypeError(f"config must be a KDRLConfig, got {type(cfg).__name__}")
+        cfg.__post_init__()  # a few scalar checks: catches fields changed after construction
+        mask = _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, teacher_weight,
+                            teacher_logprobs, bias, teacher_bias, correct)
+        V.check_int("step", step, low=0, allow_none=True)
         if cfg.needs_teacher and teacher_hidden is None and teacher_logprobs is None:
             raise ValueError(f"objective={cfg.objective!r} needs teacher_hidden + teacher_weight or teacher_logprobs")
         if teacher_hidden is not None:
@@ -138,7 +152,6 @@ class KDRLLoss(torch.nn.Module):
         need_exact = cfg.kl_in_loss or cfg.log_exact_kl
         if need_exact and teacher_hidden is None:
             raise ValueError("the exact KL needs teacher_hidden and teacher_weight (log-probs are not enough)")
-        mask = mask.bool()
         adv = _token_advantages(cfg, mask, advantages, rewards, group_ids)
         w_pg = O.aggregation_weights(mask, cfg.aggregation, cfg.max_len)
         if correct is None:
@@ -203,30 +216,71 @@ def _token_advantages(cfg, mask, advantages, rewards, group_ids):
             raise ValueError("pass advantages (B,) or (B, T), or rewards (B,) with group_ids (B,)")
         V.check_vector("rewards", rewards, b)
         V.check_vector("group_ids", group_ids, b, dtype_kind="int")
+        V.check_same_device(mask=mask, rewards=rewards, group_ids=group_ids)
+        if not torch.isfinite(rewards).all():
+            raise ValueError("rewards contain NaN or inf")
         advantages = O.group_advantages(rewards, group_ids, cfg.adv_eps, cfg.scale_rewards)
+    else:
+        V.check_tensor("advantages", advantages)
+        if not advantages.is_floating_point():
+            raise TypeError(f"advantages must be a floating tensor, got {advantages.dtype}")
+        V.check_same_device(mask=mask, advantages=advantages)
+        for name, x in (("rewards", rewards), ("group_ids", group_ids)):
+            if x is not None:
+                V.check_vector(name, x, b, dtype_kind="float" if name == "rewards" else "int")
     if advantages.shape == (b,):
         advantages = advantages[:, None].expand(b, t)
     if advantages.shape != (b, t):
         raise ValueError(f"advantages must have shape ({b},) or ({b}, {t}), got {tuple(advantages.shape)}")
-    if not torch.isfinite(advantages).all():
-        raise ValueError("advantages contain NaN or inf")
+    if not torch.isfinite(advantages[mask]).all():
+        raise ValueError("advantages contain NaN or inf (under the mask)")
     return advantages.float()
 
 
-def _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, teacher_logprobs):
+def _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, teacher_weight, teacher_logprobs,
+                 bias, teacher_bias, correct):
+    """Shapes, dtypes and devices of the batch, cheaply (no scan of a weight). Returns the mask as bool."""
+    V.check_tensor("hidden", hidden)
     if hidden.dim() != 3:
         raise ValueError(f"hidden must be (B, T, d), got shape {tuple(hidden.shape)}")
+    if not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating tensor (float32, bfloat16, float16), got {hidden.dtype}")
     b, t, d = hidden.shape
-    V.check_matrix("weight", weight, cols=d)
-    for name, x in (("targets", targets), ("mask", mask), ("old_logprobs", old_logprobs),
-                    ("teacher_logprobs", teacher_logprobs)):
-        if x is not None and tuple(x.shape) != (b, t):
-            raise ValueError(f"{name} must have shape ({b}, {t}), got {tuple(x.shape)}")
-    if teacher_hidden is not None and tuple(teacher_hidden.shape[:2]) != (b, t):
-        raise ValueError(f"teacher_hidden must have shape ({b}, {t}, d_t), got {tuple(teacher_hidden.shape)}")
+    V.check_matrix("weight", weight, cols=d, min_rows=1)
+    V.check_same_dtype("hidden", hidden, "weight", weight)
+    if bias is not None:
+        V.check_vector("bias", bias, weight.shape[0])
+    V.check_tensor("targets", targets)
+    if tuple(targets.shape) != (b, t):
+        raise ValueError(f"targets must have shape ({b}, {t}), got {tuple(targets.shape)}")
+    if targets.dtype not in V.INT_DTYPES:
+        raise TypeError(f"targets must be an int64 (or int32) tensor, got {targets.dtype}")
+    mask = V.check_mask("mask", mask, (b, t))
+    for name, x in (("old_logprobs", old_logprobs), ("teacher_logprobs", teacher_logprobs)):
+        if x is not None:
+            V.check_tensor(name, x)
+            if tuple(x.shape) != (b, t):
+                raise ValueError(f"{name} must have shape ({b}, {t}), got {tuple(x.shape)}")
+    if teacher_hidden is not None:
+        V.check_tensor("teacher_hidden", teacher_hidden)
+        if teacher_hidden.dim() != 3 or tuple(teacher_hidden.shape[:2]) != (b, t):
+            raise ValueError(f"teacher_hidden must have shape ({b}, {t}, d_t), got {tuple(teacher_hidden.shape)}")
+        if not teacher_hidden.is_floating_point():
+            raise TypeError(f"teacher_hidden must be a floating tensor, got {teacher_hidden.dtype}")
+        if teacher_weight is not None:
+            V.check_matrix("teacher_weight", teacher_weight, cols=teacher_hidden.shape[2], min_rows=1)
+            V.check_same_dtype("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)
+            if teacher_bias is not None:
+                V.check_vector("teacher_bias", teacher_bias, teacher_weight.shape[0])
+    if correct is not None:
+        V.check_vector("correct", correct, b, dtype_kind="bool")
     V.check_same_device(hidden=hidden, weight=weight, targets=targets, mask=mask, old_logprobs=old_logprobs,
-                        teacher_hidden=teacher_hidden, teacher_logprobs=teacher_logprobs)
-    V.check_finite(old_logprobs=old_logprobs, teacher_logprobs=teacher_logprobs)  # (B, T): cheap
+                        teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+                        teacher_logprobs=teacher_logprobs, bias=bias, teacher_bias=teacher_bias, correct=correct)
+    # (B, T): cheap; only the tokens under the mask count, so padding may hold anything
+    V.check_logprobs("old_logprobs", old_logprobs, mask)
+    V.check_logprobs("teacher_logprobs", teacher_logprobs, mask)
+    return mask
 
 
 def _metrics(cfg, loss, beta, s, t, kl, ent, old, adv, w_pg, w_kd):
