@@ -11,7 +11,8 @@ from kdrl_kernels.reference import reference_logprobs
 
 
 def ok_inputs(n=5, d=8, v=30):
-    return torch.randn(n, d), torch.randn(v, d), torch.randint(0, v, (n,))
+    # Fixed targets 0..n-1: the out-of-range cases below (t - 10, t + 100) must leave [0, v) on every run.
+    return torch.randn(n, d), torch.randn(v, d), torch.arange(n) % v
 
 
 @pytest.mark.parametrize("mutate,match", [
