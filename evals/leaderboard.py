@@ -60,23 +60,25 @@ def _cell(m: dict | None) -> str:
 
 def _rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     cols = _columns(runs)
-    header = ["model", "setting"] + [TASKS[t].label for t in cols] + ["Avg.", "tasks", "mean tokens",
+    header = ["model", "weights", "setting"] + [TASKS[t].label for t in cols] + ["Avg.", "tasks", "mean tokens",
                                                                      "tokens/correct"]
     rows = []
     for r in runs:
         avg = r["average"]
         tpc = avg.get("tokens_per_correct")
-        rows.append([_model_label(r), _setting(r)] + [_cell(r["tasks"].get(t)) for t in cols]
+        rows.append([_model_label(r), r.get("model_source", "?"), _setting(r)] + [_cell(r["tasks"].get(t)) for t in cols]
                     + [_cell(avg), str(avg["n_tasks"]), f"{avg['mean_tokens']:.0f}", f"{tpc:.0f}" if tpc else "-"])
     return header, rows
 
 
 def markdown_table(runs: list[dict]) -> str:
     header, rows = _rows(runs)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     note = ("\nAccuracy in % (± standard error over problems). Greedy runs report accuracy; sampled runs the mean "
-            "over n samples. Mean tokens: response tokens averaged over the tasks.\n")
+            "over n samples. Mean tokens: response tokens averaged over the tasks. Weights: registry models are 4-bit "
+            "GGUF files dequantized to bf16, so their scores are not comparable with published full-precision "
+            "numbers.\n")
     return "\n".join(lines) + "\n" + note
 
 
@@ -143,7 +145,9 @@ def html_page(runs: list[dict], png_name: str | None = "leaderboard.png") -> str
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>kdrl math leaderboard</title>"
             f"<style>{style}</style></head><body><h1>Math leaderboard</h1>"
-            f"<p>Accuracy in % ± standard error over problems. Settings per row; averages over the tasks of each run."
+            f"<p>Accuracy in % ± standard error over problems. Settings per row; averages over the tasks of each run. "
+            f"Weights column: registry models are 4-bit GGUF files dequantized to bf16; their scores are not "
+            f"comparable with published full-precision numbers."
             f"</p>{''.join(table)}{img}<h2>Per task</h2>{''.join(details)}</body></html>\n")
 
 

@@ -35,7 +35,7 @@ from evals.runner import EvalSettings, evaluate_tasks  # noqa: E402
 from evals.store import RunStore  # noqa: E402
 from evals.tasks import parse_tasks  # noqa: E402
 from kdrl.generation import SamplingConfig, make_generator, vllm_available  # noqa: E402
-from kdrl.models import DEFAULT_MODEL  # noqa: E402
+from kdrl.models import DEFAULT_MODEL, model_source  # noqa: E402
 from kdrl.prompts import STYLES  # noqa: E402
 
 DEFAULT_MAX_NEW_TOKENS = 512  # a 2-core CPU budget; say so when comparing with published numbers (often 4k-32k)
@@ -118,12 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
     config = {"model": args.model, "backend": backend, "dtype": args.dtype, **settings.to_config()}
     store.check_config(config)
 
+    source = model_source(args.model)
+    print(f"{run_name}: model {args.model} [{source}], backend {backend}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     kw = {"batch_size": args.batch_size} if backend == "hf" else {"seed": args.seed}
     generator = make_generator(args.model, backend=backend, dtype=args.dtype, progress=not args.no_progress, **kw)
     load_seconds = time.monotonic() - t0
     scores = evaluate_tasks(generator, tasks, settings, store, progress=not args.no_progress, regrade=args.regrade)
     results = {"run_name": run_name, "model": args.model, "model_path": str(generator.model_path),
+               "model_source": source,
                "backend": backend, "dtype": args.dtype, "settings": config, "tasks_requested": tasks,
                "generator": generator.info(), **provenance(),
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -36,6 +36,7 @@ def test_run_py_end_to_end_and_resume(tiny_model, tmp_path):
     assert results["settings"]["sampling"]["max_new_tokens"] == 6
     assert "Please reason step by step" in results["settings"]["instruction"]
     assert results["versions"]["torch"] and "git_sha" in results
+    assert results["model_source"].startswith("local")
     for task in ("gsm8k", "aime24"):
         m = results["tasks"][task]
         assert m["n_problems"] == 3 and 1 <= m["mean_tokens"] <= 6
@@ -76,6 +77,7 @@ def test_run_py_smollm2_registry_model(tmp_path):
           "--run-name", "smol"], cwd=tmp_path)
     results = json.loads((out / "smol" / "results.json").read_text())
     assert results["model"] == "smollm2-135m-instruct"
+    assert "Q4_1" in results["model_source"]
     assert Path(results["model_path"], "kdrl_converted.json").exists()
     assert results["tasks"]["gsm8k"]["mean_tokens"] > 1
 
