@@ -58,6 +58,9 @@ def test_run_py_end_to_end_and_resume(tiny_model, tmp_path):
     assert cmp_["baseline"] == "tiny" and set(cmp_["tasks"]) == {"gsm8k", "aime24"}
     assert cmp_["average"]["accuracy_delta"] == 0
     assert cmp_["average"]["relative_length_change"] == pytest.approx(0, abs=1e-9)
+    p = cmp_["paired"]["pooled"]
+    assert p["shared_problems"] == 6 and p["accuracy_delta"] == 0 and p["improved"] == p["regressed"] == 0
+    assert cmp_["settings_differ"] == {}
 
 
 def test_run_py_rejects_bad_arguments():

@@ -75,3 +75,15 @@ def test_weights_source_shown(out_dir):
     md, page, _ = write_leaderboard(out_dir)
     assert "4-bit GGUF Q4_1" in md.read_text() and "4-bit GGUF Q4_1" in page.read_text()
     assert "not comparable with published full-precision" in md.read_text()
+
+
+def test_baseline_comparison_shown(out_dir):
+    run = json.loads((out_dir / "student" / "results.json").read_text())
+    run["comparison"] = {"baseline": "small", "tasks": {}, "average": {"accuracy_delta": 0.27},
+                         "paired": {"pooled": {"shared_problems": 50, "accuracy_delta": 0.28,
+                                               "accuracy_delta_stderr": 0.06, "improved": 15, "regressed": 1}},
+                         "settings_differ": {"limit": [100, 50]}}
+    (out_dir / "student" / "results.json").write_text(json.dumps(run))
+    md, page, _ = write_leaderboard(out_dir)
+    for text in (md.read_text(), page.read_text()):
+        assert "paired delta +28.0" in text and "50 shared problems" in text and "limit 100 -" in text
