@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=5, help="examples for --prompt fewshot")
     p.add_argument("--batch-size", type=int, default=16, help="hf backend: sequences per generate call")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="problems per generation call = resume granularity (default 64 hf, 512 vllm)")
+                   help="problems per generation call = resume granularity (default 16 hf, 64 vllm)")
     p.add_argument("--grade-timeout", type=float, default=3.0, help="seconds per answer in the Math-Verify worker")
     p.add_argument("--output-dir", default=str(REPO / "runs" / "evals"))
     p.add_argument("--run-name", default=None, help="default: derived from the model and settings")
@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               n=args.n, seed=args.seed)
     sampling.validate()
-    chunk = args.chunk_size or (512 if backend == "vllm" else 64)
+    # Small chunks: each chunk is graded and appended before the next, so an interruption loses at most one chunk
+    # (a few minutes on CPU) instead of hours.
+    chunk = args.chunk_size or (64 if backend == "vllm" else 16)
     settings = EvalSettings(sampling, args.prompt, args.num_fewshot, args.limit, chunk, args.grade_timeout)
     run_name = args.run_name or default_run_name(args, backend)
     out_dir = Path(args.output_dir)
@@ -158,5 +160,28 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main() with clean interruption: Ctrl-C exits 130 and SIGTERM 143, without a traceback; the finished chunks are
+    already in the per-sample JSONL, so rerunning the same command resumes."""
+    import signal
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        main(argv)
+    except (KeyboardInterrupt, _Terminated) as e:
+        code = 143 if isinstance(e, _Terminated) else 130
+        print(f"\ninterrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}): finished samples are saved; rerun the "
+              f"same command to resume", file=sys.stderr, flush=True)
+        return code
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -120,3 +120,22 @@ def test_hf_generator_contract(tiny_model, tmp_path):
         gen.update_weights({"not.a.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="temperature"):
         gen.generate(prompts, SamplingConfig(n=2), progress=False)
+
+
+@pytest.mark.parametrize("sig,code", [(2, 130), (15, 143)])
+def test_interrupt_exits_cleanly_and_keeps_samples(tiny_model, tmp_path, sig, code):
+    import time
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "evals" / "run.py"), "--model", str(tiny_model), "--backend",
+                             "hf", "--tasks", "gsm8k", "--limit", "200", "--max-new-tokens", "4", "--chunk-size", "2",
+                             "--output-dir", str(out), "--run-name", "int", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples = out / "int" / "samples" / "gsm8k.jsonl"
+    deadline = time.monotonic() + 300
+    while not (samples.exists() and samples.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    assert samples.read_text().count("\n") >= 2
