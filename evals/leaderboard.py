@@ -60,23 +60,49 @@ def _cell(m: dict | None) -> str:
 
 def _rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     cols = _columns(runs)
-    header = ["model", "setting"] + [TASKS[t].label for t in cols] + ["Avg.", "tasks", "mean tokens",
+    header = ["model", "weights", "setting"] + [TASKS[t].label for t in cols] + ["Avg.", "tasks", "mean tokens",
                                                                      "tokens/correct"]
     rows = []
     for r in runs:
         avg = r["average"]
         tpc = avg.get("tokens_per_correct")
-        rows.append([_model_label(r), _setting(r)] + [_cell(r["tasks"].get(t)) for t in cols]
+        rows.append([_model_label(r), r.get("model_source", "?"), _setting(r)] + [_cell(r["tasks"].get(t)) for t in cols]
                     + [_cell(avg), str(avg["n_tasks"]), f"{avg['mean_tokens']:.0f}", f"{tpc:.0f}" if tpc else "-"])
     return header, rows
 
 
+def _comparison_lines(runs: list[dict]) -> list[str]:
+    """One line per run made with --baseline: the paired delta on shared problems, flips, differing settings."""
+    out = []
+    for r in runs:
+        c = r.get("comparison")
+        if not c:
+            continue
+        p = (c.get("paired") or {}).get("pooled")
+        line = f"{r['run_name']} vs {c['baseline']}: "
+        if p:
+            line += (f"paired delta {100 * p['accuracy_delta']:+.1f} ± {100 * p['accuracy_delta_stderr']:.1f} points "
+                     f"on {p['shared_problems']} shared problems ({p['improved']} improved, {p['regressed']} "
+                     f"regressed)")
+        else:
+            line += f"unpaired delta {100 * c['average']['accuracy_delta']:+.1f} points (problem sets may differ)"
+        if c.get("settings_differ"):
+            line += "; settings differ: " + ", ".join(f"{k} {v[0]} -> {v[1]}" for k, v in c["settings_differ"].items())
+        out.append(line)
+    return out
+
+
 def markdown_table(runs: list[dict]) -> str:
     header, rows = _rows(runs)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(header) - 2)) + "|"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     note = ("\nAccuracy in % (± standard error over problems). Greedy runs report accuracy; sampled runs the mean "
-            "over n samples. Mean tokens: response tokens averaged over the tasks.\n")
+            "over n samples. Mean tokens: response tokens averaged over the tasks. Weights: registry models are 4-bit "
+            "GGUF files dequantized to bf16, so their scores are not comparable with published full-precision "
+            "numbers.\n")
+    cmp_ = _comparison_lines(runs)
+    if cmp_:
+        note += "\n## Baseline comparisons\n\n" + "".join(f"- {c}\n" for c in cmp_)
     return "\n".join(lines) + "\n" + note
 
 
@@ -101,13 +127,14 @@ def plot_scatter(runs: list[dict], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for r, (x, y) in zip(runs, points):
         ax.errorbar(x, y, yerr=100 * r["average"]["accuracy_stderr"], fmt="o", capsize=3)
-        ax.annotate(f"{_model_label(r)} ({r['backend']})", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        ax.annotate(f"{_model_label(r)} ({_setting(r)})", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
     front = pareto_front(points)
     if front:
         ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="gray",
                 linestyle="--", label="Pareto front")
         ax.legend(loc="lower right", fontsize=8)
     ax.margins(x=0.25, y=0.1)  # room for the labels right of the points
+    ax.set_xlim(left=0)  # from 0: a zoomed axis makes a 14-token difference look large
     ax.set_xlabel("mean response tokens (average over tasks)")
     ax.set_ylabel("average accuracy (%)")
     ax.set_title("Accuracy vs response length")
@@ -138,12 +165,17 @@ def html_page(runs: list[dict], png_name: str | None = "leaderboard.png") -> str
                 f"{100 * m['truncation_rate']:.0f}%", f"{100 * m['boxed_rate']:.0f}%",
                 f"{tpc:.0f}" if tpc else "-", tps if tps else "-")) + "</tr>")
     details.append("</table>")
+    cmp_ = "".join(f"<li>{esc(c)}</li>" for c in _comparison_lines(runs))
+    if cmp_:
+        details.append(f"<h2>Baseline comparisons</h2><ul>{cmp_}</ul>")
     img = f'<p><img src="{esc(png_name)}" alt="accuracy vs mean tokens"></p>' if png_name else ""
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>kdrl math leaderboard</title>"
             f"<style>{style}</style></head><body><h1>Math leaderboard</h1>"
-            f"<p>Accuracy in % ± standard error over problems. Settings per row; averages over the tasks of each run."
+            f"<p>Accuracy in % ± standard error over problems. Settings per row; averages over the tasks of each run. "
+            f"Weights column: registry models are 4-bit GGUF files dequantized to bf16; their scores are not "
+            f"comparable with published full-precision numbers."
             f"</p>{''.join(table)}{img}<h2>Per task</h2>{''.join(details)}</body></html>\n")
 
 

@@ -155,3 +155,37 @@ def compare_to_baseline(current: dict, baseline: dict) -> dict:
     avg_cur = average_metrics({t: current["tasks"][t] for t in shared})
     avg_base = average_metrics({t: baseline["tasks"][t] for t in shared})
     return {"baseline": baseline["run_name"], "tasks": per_task, "average": delta(avg_cur, avg_base)}
+
+
+def paired_comparison(current: dict[str, list[dict]], baseline: dict[str, list[dict]]) -> dict:
+    """Paired accuracy delta on the problems both runs share, per task and pooled over tasks.
+
+    current, baseline: {task: sample records with "id" and "correct"}. A problem's score is its mean correctness
+    over its samples; the delta is the mean of per-problem differences (current - baseline), its standard error the
+    sample std of the differences / sqrt(shared problems). improved / regressed: shared problems whose score went
+    up / down (for greedy runs: wrong -> right and right -> wrong). only_current / only_baseline: problems one run
+    has and the other lacks (they are left out of the delta)."""
+    def scores(records: list[dict]) -> dict:
+        acc: dict = {}
+        for r in records:
+            acc.setdefault(r["id"], []).append(bool(r["correct"]))
+        return {k: sum(v) / len(v) for k, v in acc.items()}
+
+    def summary(diffs: list[float]) -> dict:
+        m = len(diffs)
+        mean = sum(diffs) / m if m else 0.0
+        var = sum((d - mean) ** 2 for d in diffs) / (m - 1) if m > 1 else 0.0
+        return {"shared_problems": m, "accuracy_delta": mean, "accuracy_delta_stderr": math.sqrt(var / m) if m else 0.0,
+                "improved": sum(d > 0 for d in diffs), "regressed": sum(d < 0 for d in diffs)}
+
+    per_task, pooled = {}, []
+    for task in (t for t in current if t in baseline):
+        cur, base = scores(current[task]), scores(baseline[task])
+        shared = sorted(set(cur) & set(base), key=str)
+        diffs = [cur[k] - base[k] for k in shared]
+        pooled += diffs
+        per_task[task] = {**summary(diffs), "only_current": len(set(cur) - set(base)),
+                          "only_baseline": len(set(base) - set(cur)),
+                          "improved_ids": [k for k in shared if cur[k] > base[k]],
+                          "regressed_ids": [k for k in shared if cur[k] < base[k]]}
+    return {"tasks": per_task, "pooled": summary(pooled)}

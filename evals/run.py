@@ -30,12 +30,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from evals.leaderboard import write_leaderboard  # noqa: E402
-from evals.metrics import compare_to_baseline  # noqa: E402
+from evals.metrics import compare_to_baseline, paired_comparison  # noqa: E402
 from evals.runner import EvalSettings, evaluate_tasks  # noqa: E402
 from evals.store import RunStore  # noqa: E402
 from evals.tasks import parse_tasks  # noqa: E402
 from kdrl.generation import SamplingConfig, make_generator, vllm_available  # noqa: E402
-from kdrl.models import DEFAULT_MODEL  # noqa: E402
+from kdrl.models import DEFAULT_MODEL, model_source  # noqa: E402
 from kdrl.prompts import STYLES  # noqa: E402
 
 DEFAULT_MAX_NEW_TOKENS = 512  # a 2-core CPU budget; say so when comparing with published numbers (often 4k-32k)
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=5, help="examples for --prompt fewshot")
     p.add_argument("--batch-size", type=int, default=16, help="hf backend: sequences per generate call")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="problems per generation call = resume granularity (default 64 hf, 512 vllm)")
+                   help="problems per generation call = resume granularity (default 16 hf, 64 vllm)")
     p.add_argument("--grade-timeout", type=float, default=3.0, help="seconds per answer in the Math-Verify worker")
     p.add_argument("--output-dir", default=str(REPO / "runs" / "evals"))
     p.add_argument("--run-name", default=None, help="default: derived from the model and settings")
@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> dict:
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               n=args.n, seed=args.seed)
     sampling.validate()
-    chunk = args.chunk_size or (512 if backend == "vllm" else 64)
+    # Small chunks: each chunk is graded and appended before the next, so an interruption loses at most one chunk
+    # (a few minutes on CPU) instead of hours.
+    chunk = args.chunk_size or (64 if backend == "vllm" else 16)
     settings = EvalSettings(sampling, args.prompt, args.num_fewshot, args.limit, chunk, args.grade_timeout)
     run_name = args.run_name or default_run_name(args, backend)
     out_dir = Path(args.output_dir)
@@ -118,12 +120,15 @@ def main(argv: list[str] | None = None) -> dict:
     config = {"model": args.model, "backend": backend, "dtype": args.dtype, **settings.to_config()}
     store.check_config(config)
 
+    source = model_source(args.model)
+    print(f"{run_name}: model {args.model} [{source}], backend {backend}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     kw = {"batch_size": args.batch_size} if backend == "hf" else {"seed": args.seed}
     generator = make_generator(args.model, backend=backend, dtype=args.dtype, progress=not args.no_progress, **kw)
     load_seconds = time.monotonic() - t0
     scores = evaluate_tasks(generator, tasks, settings, store, progress=not args.no_progress, regrade=args.regrade)
     results = {"run_name": run_name, "model": args.model, "model_path": str(generator.model_path),
+               "model_source": source,
                "backend": backend, "dtype": args.dtype, "settings": config, "tasks_requested": tasks,
                "generator": generator.info(), **provenance(),
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -133,7 +138,19 @@ def main(argv: list[str] | None = None) -> dict:
         base_path = out_dir / args.baseline / "results.json"
         if not base_path.exists():
             raise SystemExit(f"--baseline: no results.json for run {args.baseline!r} in {out_dir}")
-        results["comparison"] = compare_to_baseline(results, json.loads(base_path.read_text()))
+        base = json.loads(base_path.read_text())
+        cmp_ = compare_to_baseline(results, base)
+        shared = [t for t in results["tasks"] if t in base["tasks"]]
+        base_store = RunStore(out_dir / args.baseline)
+        cmp_["paired"] = paired_comparison({t: store.load(t) for t in shared}, {t: base_store.load(t) for t in shared})
+        bs, cs = base.get("settings", {}), json.loads(json.dumps(results["settings"]))  # tuples as lists
+        cmp_["settings_differ"] = {k: [bs.get(k), cs.get(k)] for k in sorted(set(bs) | set(cs), key=str)
+                                   if k != "chunk_size" and bs.get(k) != cs.get(k)}
+        results["comparison"] = cmp_
+        p = cmp_["paired"]["pooled"]
+        print(f"vs {args.baseline}: paired delta {100 * p['accuracy_delta']:+.1f} ± {100 * p['accuracy_delta_stderr']:.1f}"
+              f" points on {p['shared_problems']} shared problems ({p['improved']} improved, {p['regressed']} "
+              f"regressed)" + (f"; settings differ: {cmp_['settings_differ']}" if cmp_["settings_differ"] else ""))
     store.write_json("results.json", results)
     paths = write_leaderboard(out_dir)
     avg = results["average"]
@@ -143,5 +160,28 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+class _Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main() with clean interruption: Ctrl-C exits 130 and SIGTERM 143, without a traceback; the finished chunks are
+    already in the per-sample JSONL, so rerunning the same command resumes."""
+    import signal
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        main(argv)
+    except (KeyboardInterrupt, _Terminated) as e:
+        code = 143 if isinstance(e, _Terminated) else 130
+        print(f"\ninterrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}): finished samples are saved; rerun the "
+              f"same command to resume", file=sys.stderr, flush=True)
+        return code
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

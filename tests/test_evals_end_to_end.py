@@ -36,6 +36,7 @@ def test_run_py_end_to_end_and_resume(tiny_model, tmp_path):
     assert results["settings"]["sampling"]["max_new_tokens"] == 6
     assert "Please reason step by step" in results["settings"]["instruction"]
     assert results["versions"]["torch"] and "git_sha" in results
+    assert results["model_source"].startswith("local")
     for task in ("gsm8k", "aime24"):
         m = results["tasks"][task]
         assert m["n_problems"] == 3 and 1 <= m["mean_tokens"] <= 6
@@ -57,6 +58,9 @@ def test_run_py_end_to_end_and_resume(tiny_model, tmp_path):
     assert cmp_["baseline"] == "tiny" and set(cmp_["tasks"]) == {"gsm8k", "aime24"}
     assert cmp_["average"]["accuracy_delta"] == 0
     assert cmp_["average"]["relative_length_change"] == pytest.approx(0, abs=1e-9)
+    p = cmp_["paired"]["pooled"]
+    assert p["shared_problems"] == 6 and p["accuracy_delta"] == 0 and p["improved"] == p["regressed"] == 0
+    assert cmp_["settings_differ"] == {}
 
 
 def test_run_py_rejects_bad_arguments():
@@ -76,6 +80,7 @@ def test_run_py_smollm2_registry_model(tmp_path):
           "--run-name", "smol"], cwd=tmp_path)
     results = json.loads((out / "smol" / "results.json").read_text())
     assert results["model"] == "smollm2-135m-instruct"
+    assert "Q4_1" in results["model_source"]
     assert Path(results["model_path"], "kdrl_converted.json").exists()
     assert results["tasks"]["gsm8k"]["mean_tokens"] > 1
 
@@ -115,3 +120,22 @@ def test_hf_generator_contract(tiny_model, tmp_path):
         gen.update_weights({"not.a.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="temperature"):
         gen.generate(prompts, SamplingConfig(n=2), progress=False)
+
+
+@pytest.mark.parametrize("sig,code", [(2, 130), (15, 143)])
+def test_interrupt_exits_cleanly_and_keeps_samples(tiny_model, tmp_path, sig, code):
+    import time
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "evals" / "run.py"), "--model", str(tiny_model), "--backend",
+                             "hf", "--tasks", "gsm8k", "--limit", "200", "--max-new-tokens", "4", "--chunk-size", "2",
+                             "--output-dir", str(out), "--run-name", "int", "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    samples = out / "int" / "samples" / "gsm8k.jsonl"
+    deadline = time.monotonic() + 300
+    while not (samples.exists() and samples.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "Traceback" not in err and "rerun the same command to resume" in err
+    assert samples.read_text().count("\n") >= 2

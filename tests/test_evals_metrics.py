@@ -112,3 +112,17 @@ def test_average_and_baseline():
     assert cmp_["tasks"]["x"]["relative_length_change"] == pytest.approx(-0.5)
     with pytest.raises(ValueError, match="shares no task"):
         compare_to_baseline(cur, {"run_name": "other", "tasks": {"z": _task(0.9, 0.01, 50)}})
+
+
+def test_paired_comparison_uses_only_shared_problems():
+    from evals.metrics import paired_comparison
+    rec = lambda i, ok: {"id": i, "sample": 0, "correct": ok}  # noqa: E731
+    # baseline has 4 problems, current 2 of them + 1 of its own; on the shared two: one flip each way? no: 0->1, 1->1
+    base = {"x": [rec(0, False), rec(1, True), rec(2, True), rec(3, True)]}
+    cur = {"x": [rec(0, True), rec(1, True), rec(9, False)]}
+    out = paired_comparison(cur, base)
+    t = out["tasks"]["x"]
+    assert t["shared_problems"] == 2 and t["only_current"] == 1 and t["only_baseline"] == 2
+    assert t["accuracy_delta"] == pytest.approx(0.5) and t["improved"] == 1 and t["regressed"] == 0
+    assert t["improved_ids"] == [0] and t["accuracy_delta_stderr"] == pytest.approx(0.5)  # std([1, 0]) / sqrt(2)
+    assert out["pooled"]["shared_problems"] == 2

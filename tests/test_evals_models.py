@@ -96,3 +96,12 @@ def test_smollm2_from_the_registry(tmp_path):
     model, tok = load_model_and_tokenizer("smollm2-135m-instruct")
     assert type(model).__name__ == "LlamaForCausalLM" and str(model.dtype) == "torch.bfloat16"
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
+
+
+def test_registry_models_describe_source_and_quantization():
+    from kdrl.models import model_source
+    assert "Q4_1" in model_source("smollm2-135m-instruct")
+    assert "Q4_K_M" in model_source("qwen2.5-coder-0.5b-instruct")
+    assert "Q4_K_M" in model_source("qwen2.5-coder-1.5b-instruct")
+    assert all("bf16" in spec.source for spec in REGISTRY.values())
+    assert "local" in model_source("/some/dir")
