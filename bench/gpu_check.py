@@ -131,7 +131,8 @@ def _loss_accuracy(torch, x, backends, beta=0.02, seq=None):
                 t = reference.reference_logprobs(x["th"], x["tw"], x["tgt"], temperature=TEMPERATURE,
                                                  dtype=dtype)[0]
             s, t = s.view(b, -1), t.view(b, -1)
-            per = O.clipped_surrogate(s - s.detach(), adv[:, None].to(s.dtype)) + beta * O.kl_estimator(s, t, "k2")
+            per = (O.clipped_surrogate(s - s.detach(), adv[:, None].to(s.dtype).expand_as(s))
+                   + beta * O.kl_estimator(s, t, "k2"))
             loss = O.aggregate(per, mask, "token_mean")
             return (loss.reshape(1),), loss
         return _grads(torch, fn, x["h"], x["w"])
