@@ -24,8 +24,9 @@ def test_trl_subclass_runs_steps_with_the_kdrl_loss(tmp_path, objective):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)}
                               for i in range(4)])
-    # A dense reward (not the 0/1 grader: a random tiny model is never right) so advantages are non-zero.
-    lengths = lambda completions, **kw: [float(len(c[-1]["content"]) % 3) for c in completions]  # noqa: E731
+    # A reward that differs inside every group of 4 (not the 0/1 grader: a random tiny model is never right), so
+    # advantages are never all zero; a length-based reward tied now and then and left TRRD with no gradient.
+    lengths = lambda completions, **kw: [float(i % 2) for i in range(len(completions))]  # noqa: E731
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=8, max_steps=2, learning_rate=1e-2, use_cpu=True, report_to=[],
                       logging_steps=1, save_strategy="no", bf16=False, seed=0)
