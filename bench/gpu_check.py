@@ -180,7 +180,7 @@ class _KDRLLossOn:
 
 def speed(torch, shape, device, backends):
     """Median step time, TFLOP/s and peak memory of the KDRL step per provider and token count."""
-    from bench import providers, timing, workloads
+    from bench import memory, providers, timing, workloads
     provs = [(p, p.flop_model_for) for p in providers.select(["naive"])]
     provs += [(_KDRLLossOn(b), None) for b in backends]
     liger = providers.select(["liger-grpo"])[0]
@@ -202,13 +202,7 @@ def speed(torch, shape, device, backends):
                 row.update(median_s=med, tflops_useful=workloads.flops(case, "min") / med / 1e12,
                            tflops_executed=workloads.flops(case, executed) / med / 1e12, flop_model=executed)
                 if device == "cuda":
-                    inp.zero_grads()
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                    before = torch.cuda.memory_allocated()
-                    p.step(inp, case)
-                    torch.cuda.synchronize()
-                    row["extra_peak_mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+                    row["extra_peak_mb"] = memory.measure_cuda(p, inp, case) / 2**20
             except Exception as err:  # report and go on: one provider must not sink the whole check
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
             inp.zero_grads()
