@@ -23,6 +23,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def command(module, case, provider_name, liger_compiled=True, threads=None):
+    """The command line of a one-provider, one-case child process (``python -m <module> --case ...``)."""
+    cmd = [sys.executable, "-m", module, "--case", json.dumps(case.as_dict()), "--provider", provider_name]
+    if not liger_compiled:
+        cmd.append("--liger-eager")
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+def environment(**extra):
+    """The child's environment: ours, with the repository importable, plus ``extra``."""
+    return dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra)
+
+
+def child_setup(argv, description):
+    """Parse a child's command line (see :func:`command`): set the thread count, return ``(case, provider)``."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--case", required=True, help="JSON of a workloads.Case")
+    ap.add_argument("--provider", required=True)
+    ap.add_argument("--liger-eager", action="store_true")
+    ap.add_argument("--threads", type=int)
+    args = ap.parse_args(argv)
+    import torch
+
+    from bench import providers, workloads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    (provider,) = providers.select([args.provider], liger_compiled=not args.liger_eager)
+    return workloads.Case(**json.loads(args.case)), provider
+
+
 class WorkerError(RuntimeError):
     """A worker's step failed (the message is the worker's own, first line) or the worker died."""
 
@@ -32,14 +64,8 @@ class Worker:
 
     def __init__(self, case, provider, liger_compiled=True, threads=None):
         self.name = provider.name
-        cmd = [sys.executable, "-m", "bench.isolated", "--case", json.dumps(case.as_dict()), "--provider",
-               provider.name]
-        if not liger_compiled:
-            cmd.append("--liger-eager")
-        if threads:
-            cmd += ["--threads", str(threads)]
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(command("bench.isolated", case, provider.name, liger_compiled, threads),
+                                     cwd=REPO, env=environment(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, bufsize=1)
 
     def step(self):
@@ -119,19 +145,8 @@ def serve(provider, inp, case, lines=sys.stdin, out=sys.stdout):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="benchmark worker: one provider, one case, steps on request")
-    ap.add_argument("--case", required=True, help="JSON of a workloads.Case")
-    ap.add_argument("--provider", required=True)
-    ap.add_argument("--liger-eager", action="store_true")
-    ap.add_argument("--threads", type=int)
-    args = ap.parse_args(argv)
-    import torch
-
-    from bench import providers, workloads
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    case = workloads.Case(**json.loads(args.case))
-    (provider,) = providers.select([args.provider], liger_compiled=not args.liger_eager)
+    from bench import workloads
+    case, provider = child_setup(argv, "benchmark worker: one provider, one case, steps on request")
     serve(provider, workloads.make_inputs(case), case)
 
 

@@ -17,12 +17,9 @@ We report it both including and excluding those gradient bytes; the targets use 
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,13 +78,10 @@ def measure_cuda(provider, inp, case):
 
 def measure_subprocess(case, provider_name, liger_compiled=True, threads=None, timeout=1800):
     """Run the CPU probe for one (case, provider) in a fresh interpreter; returns extra peak bytes."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "bench.memory", "--case", json.dumps(case.as_dict()), "--provider", provider_name]
-    if not liger_compiled:
-        cmd.append("--liger-eager")
-    if threads:
-        cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    from bench import isolated
+    proc = subprocess.run(isolated.command("bench.memory", case, provider_name, liger_compiled, threads), cwd=REPO,
+                          env=isolated.environment(MALLOC_MMAP_THRESHOLD_="65536"), capture_output=True, text=True,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe for {provider_name} on {case.key()} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["extra_peak_bytes"]
@@ -95,19 +89,8 @@ def measure_subprocess(case, provider_name, liger_compiled=True, threads=None, t
 
 def main(argv=None):
     """Probe entry point: ``python -m bench.memory --case '<json>' --provider NAME`` prints one JSON line."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", required=True, help="JSON of a workloads.Case")
-    ap.add_argument("--provider", required=True)
-    ap.add_argument("--liger-eager", action="store_true")
-    ap.add_argument("--threads", type=int)
-    args = ap.parse_args(argv)
-    import torch
-
-    from bench import providers, workloads
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    case = workloads.Case(**json.loads(args.case))
-    (provider,) = providers.select([args.provider], liger_compiled=not args.liger_eager)
+    from bench import isolated, workloads
+    case, provider = isolated.child_setup(argv, __doc__.splitlines()[0])
     inp = workloads.make_inputs(case)
     extra = _measure_cpu(provider, inp, case)
     print(json.dumps({"extra_peak_bytes": extra, "grad_bytes": inp.grad_bytes()}))
