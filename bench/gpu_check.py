@@ -70,6 +70,13 @@ def _grads(torch, fn, *leaves):
     return [o.detach() for o in outs], list(grads)
 
 
+def _rows(op, backend, names, ours, gt, bf16, fp32):
+    """One accuracy row per quantity; each of ours/gt/bf16/fp32 is an ``(outputs, grads)`` pair of :func:`_grads`."""
+    flat = [outs + grads for outs, grads in (ours, gt, bf16, fp32)]
+    return [dict(op=op, backend=backend, quantity=name, **_errors(*(f[i] for f in flat)))
+            for i, name in enumerate(names)]
+
+
 def accuracy(torch, shape, device, backends):
     """Every op on every backend against float64, with torch in bf16 and fp32 as the comparison rows."""
     from kdrl_kernels import fused_linear_kl, fused_linear_logprobs, reference
@@ -88,12 +95,8 @@ def accuracy(torch, shape, device, backends):
             logp, ent, lse = fused_linear_logprobs(h, w, x["tgt"], temperature=TEMPERATURE, backend=backend,
                                                    return_entropy=True, return_lse=True)
             return (logp, ent, lse), (logp * x["g1"]).sum() + (ent * x["g2"]).sum()
-        outs, grads = _grads(torch, ours, x["h"], x["w"])
-        names = ("logp", "entropy", "lse", "grad_hidden", "grad_weight")
-        for i, name in enumerate(names):
-            pick = (lambda r: (r[0] + r[1])[i])
-            rows.append(dict(op="fused_linear_logprobs", backend=backend, quantity=name,
-                             **_errors(pick((outs, grads)), pick(gt), pick(bf16), pick(fp32))))
+        rows += _rows("fused_linear_logprobs", backend, ("logp", "entropy", "lse", "grad_hidden", "grad_weight"),
+                      _grads(torch, ours, x["h"], x["w"]), gt, bf16, fp32)
     for kind in ("reverse", "forward", "jsd"):
         def ref_kl(dtype):
             def fn(h, w):
@@ -107,22 +110,22 @@ def accuracy(torch, shape, device, backends):
                 kl = fused_linear_kl(h, w, x["th"], x["tw"], kind=kind, beta=0.5, temperature=TEMPERATURE,
                                      backend=backend)
                 return (kl,), (kl * x["g1"]).sum()
-            outs, grads = _grads(torch, ours, x["h"], x["w"])
-            for i, name in enumerate(("kl", "grad_hidden", "grad_weight")):
-                pick = (lambda r: (r[0] + r[1])[i])
-                rows.append(dict(op=f"fused_linear_kl[{kind}]", backend=backend, quantity=name,
-                                 **_errors(pick((outs, grads)), pick(gt), pick(bf16), pick(fp32))))
+            rows += _rows(f"fused_linear_kl[{kind}]", backend, ("kl", "grad_hidden", "grad_weight"),
+                          _grads(torch, ours, x["h"], x["w"]), gt, bf16, fp32)
     rows += _loss_accuracy(torch, x, backends)
     return rows
 
 
-def _loss_accuracy(torch, x, backends, beta=0.02, seq=None):
-    """KDRLLoss (KDRL, k2, token mean, on-policy) on each backend against the same objective in float64."""
+def _loss_accuracy(torch, x, backends, beta=0.02):
+    """KDRLLoss (KDRL, k2, token mean, on-policy) on each backend against the same objective in float64.
+
+    All N tokens form one sequence (B = 1), so the token mean spans the whole batch.
+    """
     from kdrl_kernels import KDRLConfig, KDRLLoss, objectives as O, reference
     n = x["h"].shape[0]
-    b = 1 if seq is None else n // seq
+    b = 1
     adv = x["g1"][:b].float()
-    mask = torch.ones(b, n // b, dtype=torch.bool, device=x["h"].device)
+    mask = torch.ones(b, n, dtype=torch.bool, device=x["h"].device)
 
     def ref(dtype):
         def fn(h, w):
@@ -147,42 +150,16 @@ def _loss_accuracy(torch, x, backends, beta=0.02, seq=None):
             loss, _ = fn_loss(h.view(b, n // b, -1), w, x["tgt"].view(b, -1), mask, advantages=adv,
                               teacher_hidden=x["th"].view(b, n // b, -1), teacher_weight=x["tw"])
             return (loss.reshape(1),), loss
-        outs, grads = _grads(torch, ours, x["h"], x["w"])
-        for i, name in enumerate(("loss", "grad_hidden", "grad_weight")):
-            pick = (lambda r: (r[0] + r[1])[i])
-            rows.append(dict(op="KDRLLoss[kdrl,k2]", backend=backend, quantity=name,
-                             **_errors(pick((outs, grads)), pick(gt), pick(bf16), pick(fp32))))
+        rows += _rows("KDRLLoss[kdrl,k2]", backend, ("loss", "grad_hidden", "grad_weight"),
+                      _grads(torch, ours, x["h"], x["w"]), gt, bf16, fp32)
     return rows
-
-
-class _KDRLLossOn:
-    """Bench provider: KDRLLoss pinned to one backend (``ours-kdrlloss`` itself picks Triton on CUDA)."""
-
-    def __init__(self, backend):
-        from bench.providers import OursKDRLLoss
-        self.inner, self.backend = OursKDRLLoss(), backend
-        self.name = f"kdrlloss-{'single-pass' if backend == 'torch' else backend}"
-        self.flop_model_name = "min" if backend == "torch" else "recompute"
-
-    def step(self, inp, case):
-        from kdrl_kernels import KDRLConfig, KDRLLoss
-        key = ("kdrl", self.backend)
-        if key not in self.inner._fns:
-            self.inner._fns[key] = KDRLLoss(KDRLConfig(beta=inp.beta, eps_low=inp.eps_low, eps_high=inp.eps_high,
-                                                       compute_entropy=False, backend=self.backend))
-        fn = self.inner._fns[key]
-        b, t = case.batch, case.seq_len
-        loss, _ = fn(inp.hidden.view(b, t, -1), inp.weight, inp.targets, inp.mask, advantages=inp.advantages,
-                     teacher_hidden=inp.t_hidden.view(b, t, -1), teacher_weight=inp.t_weight)
-        loss.backward()
-        return float(loss.detach())
 
 
 def speed(torch, shape, device, backends):
     """Median step time, TFLOP/s and peak memory of the KDRL step per provider and token count."""
     from bench import memory, providers, timing, workloads
-    provs = [(p, p.flop_model_for) for p in providers.select(["naive"])]
-    provs += [(_KDRLLossOn(b), None) for b in backends]
+    provs = providers.select(["naive"])
+    provs += [providers.OursKDRLLoss(b, f"kdrlloss-{'single-pass' if b == 'torch' else b}") for b in backends]
     liger = providers.select(["liger-grpo"])[0]
     rows = []
     for n in shape["speed_tokens"]:
@@ -190,15 +167,14 @@ def speed(torch, shape, device, backends):
                                    d=shape["d"], d_t=shape["d_t"], vocab=shape["vocab"],
                                    seq_len=min(n, 512))
         inp = workloads.make_inputs(case)
-        candidates = list(provs) + ([(liger, liger.flop_model_for)] if liger.unavailable(case) is None else [])
-        for p, flop_for in candidates:
+        for p in provs + ([liger] if liger.unavailable(case) is None else []):
             row = dict(provider=p.name, n_tokens=n)
             try:
                 for _ in range(max(shape["warmup"], 1)):
                     timing.time_step(p, inp, case)
                 times = [timing.time_step(p, inp, case)[0] for _ in range(shape["repeats"])]
                 med = timing.summarize(times)["median"]
-                executed = flop_for(case) if flop_for else p.flop_model_name
+                executed = p.flop_model_for(case)
                 row.update(median_s=med, tflops_useful=workloads.flops(case, "min") / med / 1e12,
                            tflops_executed=workloads.flops(case, executed) / med / 1e12, flop_model=executed)
                 if device == "cuda":

@@ -137,14 +137,17 @@ class OursKDRLLoss(Provider):
     OBJECTIVE = {"kdrl": dict(objective="kdrl", kl_estimator="k2"), "grpo": dict(objective="grpo"),
                  "rkl": dict(objective="kd", kl_estimator="exact")}
 
-    def __init__(self):
+    def __init__(self, backend="auto", name=None):
+        self.backend = backend
+        if name:
+            self.name = name
         self._fns = {}
 
     def flop_model_for(self, case):
-        # On CUDA KDRLLoss composes the Triton ops, which recompute logits in backward.
-        if case.device == "cuda":
-            return OursOps.FLOP_MODEL[case.workload]
-        return self.flop_model[case.workload]
+        # KDRLLoss on Triton (the automatic choice on CUDA) composes the Triton ops, which recompute logits in
+        # backward; the PyTorch backend's single pass does not, on any device.
+        triton = self.backend == "triton" or (self.backend == "auto" and case.device == "cuda")
+        return OursOps.FLOP_MODEL[case.workload] if triton else self.flop_model[case.workload]
 
     def unavailable(self, case):
         reason = super().unavailable(case)
@@ -162,7 +165,7 @@ class OursKDRLLoss(Provider):
         if key not in self._fns:
             self._fns[key] = KDRLLoss(KDRLConfig(beta=inp.beta, eps_low=inp.eps_low, eps_high=inp.eps_high,
                                                  aggregation="token_mean", compute_entropy=False,
-                                                 **self.OBJECTIVE[workload]))
+                                                 backend=self.backend, **self.OBJECTIVE[workload]))
         return self._fns[key]
 
     def loss(self, inp, case):

@@ -111,10 +111,11 @@ def _preflight(provs, step, progress):
 
 
 def _time_providers(ready, case, args, ctx, progress):
-    """First step, then interleaved warm-up and timed rounds; returns ``(ready, notes, first_losses, raw)``.
+    """First step, then interleaved warm-up and timed rounds; returns ``(ready, notes, first_losses, raw, inp)``.
 
     On CPU every speed provider runs in a worker process of its own (``bench/isolated.py``) unless
-    ``--in-process``; interpreter providers (not speeds) always run here, once.
+    ``--in-process``; interpreter providers (not speeds) always run here, once. ``inp`` is the in-process inputs
+    (None when every provider ran in a worker).
     """
     isolate = case.device == "cpu" and not args.in_process
     speed = [p for p in ready if p.speed_ok]
@@ -126,7 +127,7 @@ def _time_providers(ready, case, args, ctx, progress):
         ready, notes, losses = _preflight(ready, local_step, progress)
         raw = timing.run_interleaved([p for p in ready if p.speed_ok], inp, case, max(ctx["warmup"] - 1, 0),
                                      ctx["repeats"], progress)
-        return ready, notes, losses, raw
+        return ready, notes, losses, raw, inp
     with isolated.Pool(case, speed, not args.liger_eager, args.threads) as pool:
         ok, notes, losses = _preflight(speed, pool.step, progress)
         raw = timing.run_interleaved(ok, None, case, max(ctx["warmup"] - 1, 0), ctx["repeats"], progress,
@@ -134,7 +135,7 @@ def _time_providers(ready, case, args, ctx, progress):
     others, more_notes, more_losses = _preflight([p for p in ready if not p.speed_ok], local_step, progress)
     notes.update(more_notes)
     losses.update(more_losses)
-    return ok + others, notes, losses, raw
+    return ok + others, notes, losses, raw, inp
 
 
 def run_case(case, provs, args, ctx, progress):
@@ -149,11 +150,10 @@ def run_case(case, provs, args, ctx, progress):
             ready.append(p)
         elif case.workload in p.workloads:      # "does not implement" is not news; missing pieces are
             notes[p.name] = f"skipped: {reason}"
-    ready, failed, first_losses, raw = _time_providers(ready, case, args, ctx, progress)
+    ready, failed, first_losses, raw, inp = _time_providers(ready, case, args, ctx, progress)
     notes.update(failed)
     mems = {}
     if not args.no_memory:
-        inp = workloads.make_inputs(case) if case.device == "cuda" else None
         for p in ready:
             if not p.speed_ok:
                 continue
@@ -180,6 +180,7 @@ def run_case(case, provs, args, ctx, progress):
     for name, note in notes.items():
         recs.append(dict(case.as_dict(), provider=name, note=note, run_id=ctx["run_id"], preset=ctx["preset"],
                          speed_ok=False, **ctx["meta"]))
+    del inp
     gc.collect()
     return results.add_ratios(recs)
 
