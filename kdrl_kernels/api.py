@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import validation as V
-from .backend import BACKENDS, resolve_backend
+from .backend import resolve_backend
 from .ops import KLParams, LinearKL, LinearLogprobs, LogprobParams
 
 __all__ = ["fused_linear_logprobs", "fused_linear_kl"]
@@ -54,8 +54,6 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     V.check_temperature(temperature)
     V.check_int("ignore_index", ignore_index)
     V.check_chunk_size(chunk_size)
-    if backend is not None:
-        V.check_choice("backend", backend, BACKENDS)
     for name, flag in (("return_entropy", return_entropy), ("return_lse", return_lse),
                        ("check_finite", check_finite)):
         V.check_bool(name, flag)
@@ -118,8 +116,6 @@ def fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weig
         if b is not None:
             V.check_vector(name, b, w.shape[0])
     V.check_chunk_size(chunk_size)
-    if backend is not None:
-        V.check_choice("backend", backend, BACKENDS)
     V.check_bool("truncate_teacher_vocab", truncate_teacher_vocab)
     V.check_bool("check_finite", check_finite)
     V.check_same_device(student_hidden=student_hidden, student_weight=student_weight, teacher_hidden=teacher_hidden,

@@ -165,8 +165,9 @@ def check_logprobs(name, x, mask=None):
     vals = x if mask is None else x[mask]
     if vals.numel() and not torch.isfinite(vals).all():
         raise ValueError(f"{name} contains NaN or inf")
-    if vals.numel() and float(vals.max()) > LOGPROB_SLACK:
-        raise ValueError(f"{name} must be log-probabilities (<= 0), got a maximum of {float(vals.max()):.4g}")
+    top = float(vals.max()) if vals.numel() else 0.0
+    if top > LOGPROB_SLACK:
+        raise ValueError(f"{name} must be log-probabilities (<= 0), got a maximum of {top:.4g}")
 
 
 def match_teacher_vocab(student_weight, teacher_weight, truncate, teacher_bias=None):
