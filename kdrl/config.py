@@ -226,8 +226,6 @@ def validate(cfg: TrainConfig) -> None:
     lc = loss_config(cfg)  # the loss library's own checks, before any model is loaded
     if lc.needs_teacher and not cfg.model.teacher:
         raise ValueError(f"loss.objective={lc.objective!r} needs model.teacher")
-    if lc.beta_schedule == "cosine" and (lc.total_steps or 0) <= 0:
-        raise ValueError("loss.beta_schedule=cosine needs loss.total_steps > 0 (default: run.steps)")
 
 
 def describe(cls=TrainConfig, prefix: str = "") -> str:
