@@ -181,7 +181,7 @@ def loss_config(cfg: TrainConfig):
         raise ValueError(f"loss.temperature={loss['temperature']} differs from rollout.temperature={t}: the loss "
                          "temperature is the rollout temperature; set rollout.temperature only")
     loss["temperature"] = t
-    if loss.get("beta_schedule") == "cosine" and not loss.get("total_steps"):
+    if loss.get("beta_schedule") == "cosine" and loss.get("total_steps") is None:
         loss["total_steps"] = cfg.run.steps
     if loss.get("objective") == "grpo":
         loss["log_exact_kl"] = False

@@ -65,6 +65,11 @@ def test_cosine_schedule_takes_total_steps_from_run_steps(pair, tmp_path):
     assert [round(m["beta"], 6) for m in history] == [0.5, 0.3]  # step 0: beta; step 1 of 2: the midpoint
 
 
+def test_an_explicit_bad_total_steps_is_refused_not_replaced_by_run_steps():
+    with pytest.raises(ValueError, match="total_steps"):
+        loss_config(load_config(None, ["loss.objective=grpo", "loss.beta_schedule=cosine", "loss.total_steps=0"]))
+
+
 # ---- 4. one knob for advantage scaling -----------------------------------------------------------------------
 def test_loss_numbers_written_without_a_dot_are_numbers():
     lc = loss_config(load_config(None, ["loss.objective=grpo", "loss.beta=2e-3", "loss.total_steps=1e2"]))
