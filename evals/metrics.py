@@ -6,6 +6,7 @@ GSM8K records also carry strict_correct / flexible_correct.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import defaultdict
@@ -137,11 +138,14 @@ def average_metrics(per_task: dict[str, dict]) -> dict:
     return out
 
 
-def compare_to_baseline(current: dict, baseline: dict) -> dict:
+def compare_to_baseline(current: dict, baseline: dict, samples=None) -> dict:
     """Accuracy delta (points of fraction, current - baseline) and relative length change
     (mean_tokens / baseline mean_tokens - 1) per shared task and on the average over the shared tasks.
 
-    current, baseline: results dicts with "tasks" {task: metrics} and "run_name".
+    current, baseline: results dicts with "tasks" {task: metrics}, "run_name" and "settings". With ``samples``, a
+    pair of callables ``(current_samples(task), baseline_samples(task)) -> sample records``, the result also holds
+    "paired" (:func:`paired_comparison` on the shared tasks) and "settings_differ" ({setting: [baseline, current]}
+    for every setting but chunk_size that differs).
     """
     shared = [t for t in current["tasks"] if t in baseline["tasks"]]
     if not shared:
@@ -154,7 +158,14 @@ def compare_to_baseline(current: dict, baseline: dict) -> dict:
     per_task = {t: delta(current["tasks"][t], baseline["tasks"][t]) for t in shared}
     avg_cur = average_metrics({t: current["tasks"][t] for t in shared})
     avg_base = average_metrics({t: baseline["tasks"][t] for t in shared})
-    return {"baseline": baseline["run_name"], "tasks": per_task, "average": delta(avg_cur, avg_base)}
+    out = {"baseline": baseline["run_name"], "tasks": per_task, "average": delta(avg_cur, avg_base)}
+    if samples is not None:
+        cur_samples, base_samples = samples
+        out["paired"] = paired_comparison({t: cur_samples(t) for t in shared}, {t: base_samples(t) for t in shared})
+        bs, cs = baseline.get("settings", {}), json.loads(json.dumps(current.get("settings", {})))  # tuples as lists
+        out["settings_differ"] = {k: [bs.get(k), cs.get(k)] for k in sorted(set(bs) | set(cs), key=str)
+                                  if k != "chunk_size" and bs.get(k) != cs.get(k)}
+    return out
 
 
 def paired_comparison(current: dict[str, list[dict]], baseline: dict[str, list[dict]]) -> dict:

@@ -30,7 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from evals.leaderboard import write_leaderboard  # noqa: E402
-from evals.metrics import compare_to_baseline, paired_comparison  # noqa: E402
+from evals.metrics import compare_to_baseline  # noqa: E402
 from evals.runner import EvalSettings, evaluate_tasks  # noqa: E402
 from evals.store import RunStore  # noqa: E402
 from evals.tasks import parse_tasks  # noqa: E402
@@ -138,14 +138,8 @@ def main(argv: list[str] | None = None) -> dict:
         base_path = out_dir / args.baseline / "results.json"
         if not base_path.exists():
             raise SystemExit(f"--baseline: no results.json for run {args.baseline!r} in {out_dir}")
-        base = json.loads(base_path.read_text())
-        cmp_ = compare_to_baseline(results, base)
-        shared = [t for t in results["tasks"] if t in base["tasks"]]
-        base_store = RunStore(out_dir / args.baseline)
-        cmp_["paired"] = paired_comparison({t: store.load(t) for t in shared}, {t: base_store.load(t) for t in shared})
-        bs, cs = base.get("settings", {}), json.loads(json.dumps(results["settings"]))  # tuples as lists
-        cmp_["settings_differ"] = {k: [bs.get(k), cs.get(k)] for k in sorted(set(bs) | set(cs), key=str)
-                                   if k != "chunk_size" and bs.get(k) != cs.get(k)}
+        cmp_ = compare_to_baseline(results, json.loads(base_path.read_text()),
+                                   samples=(store.load, RunStore(out_dir / args.baseline).load))
         results["comparison"] = cmp_
         p = cmp_["paired"]["pooled"]
         print(f"vs {args.baseline}: paired delta {100 * p['accuracy_delta']:+.1f} ± {100 * p['accuracy_delta_stderr']:.1f}"
