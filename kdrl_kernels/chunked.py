@@ -9,18 +9,19 @@ call and reused by every chunk (a fresh 150 MB tensor per chunk is returned to t
 faults the next time), and every elementwise step runs in place or with ``out=``, so one chunk costs a handful of
 passes over its buffers besides the matmuls.
 
-Precision: logits are always computed and normalised in fp32. bf16 inputs are upcast for the forward matmul
-because rounding logits to bf16 costs 1e-2..1e-1 in log-prob (the bug behind Liger #1432), and CPU torch has no
-bf16 x bf16 -> fp32 matmul. The backward matmuls reuse that fp32 weight copy, so gradients are rounded to the
-input dtype once, at the end; dW is accumulated across chunks in fp32. The price is speed: bf16 runs at fp32
-matmul speed on CPU (GPUs get bf16 tensor cores with fp32 accumulation in the Triton kernels).
+Precision: logits are always normalised in fp32 and never rounded to a low-precision dtype. Each lm_head is a
+:class:`~kdrl_kernels.heads.Head`: fp32 matmuls for fp32/fp16 weights, and for bf16 weights two compensated bf16
+GEMMs (about 16 mantissa bits) plus an exact target logit, at bf16 matmul speed. The gradient matmuls take dz in
+bf16 for bf16 weights (as bf16 autograd does); dW is accumulated across chunks in fp32.
 """
 from __future__ import annotations
 
 import torch
 
+from .heads import Head
+
 __all__ = ["logprobs_forward", "logprobs_backward", "kl_forward", "kl_backward", "default_chunk_size",
-           "Workspace", "chunk_logits", "log_softmax_", "normalise_", "rowdot"]
+           "Workspace", "log_softmax_", "normalise_", "rowdot"]
 
 # Budget for all chunk-sized fp32 buffers of one call: one buffer of a 152k vocabulary is then ~420 rows, deep
 # enough for the dW update (a V x d read-modify-write per chunk) to stay compute-bound. Measured on the Qwen
@@ -35,31 +36,24 @@ def default_chunk_size(vocab: int, n_rows: int, n_buffers: int = 2) -> int:
 
 
 class Workspace:
-    """Named fp32 ``(rows, vocab)`` buffers allocated on first use and reused by every chunk of one call."""
+    """Named ``(rows, vocab)`` buffers (fp32 unless asked) allocated on first use and reused by every chunk."""
 
     def __init__(self, rows, vocab, device):
         self.rows, self.vocab, self.device = rows, vocab, device
         self._buffers = {}
 
-    def take(self, name, n_rows):
+    def take(self, name, n_rows, dtype=torch.float32):
         buf = self._buffers.get(name)
         if buf is None:
-            buf = self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=torch.float32, device=self.device)
+            buf = self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=dtype, device=self.device)
         return buf[:n_rows]
 
-
-def as_fp32(x):
-    return None if x is None else x.float()
-
-
-def chunk_logits(h, w32, b32, temperature, out=None):
-    """fp32 logits ``(h @ w32.T + b32) / temperature`` for one chunk: h ``(c, d)``, w32 ``(V, d)`` float32."""
-    logits = torch.matmul(h.float(), w32.T, out=out)
-    if b32 is not None:
-        logits += b32
-    if temperature != 1.0:
-        logits /= temperature
-    return logits
+    def take_dw(self, rows, width):
+        """A bf16 ``(rows, width)`` scratch for slabs of a bf16 weight gradient."""
+        buf = self._buffers.get("dw")
+        if buf is None:
+            buf = self._buffers["dw"] = torch.empty(rows, width, dtype=torch.bfloat16, device=self.device)
+        return buf
 
 
 def log_softmax_(z):
@@ -103,12 +97,12 @@ def logprobs_forward(hidden, weight, bias, targets, *, temperature=1.0, ignore_i
     """
     rows = _rows(targets, ignore_index)
     out = torch.zeros(3, hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], max(rows.numel(), 1))
+    head = Head(weight, bias, temperature)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], max(rows.numel(), 1), 2 + head.scratch_buffers)
     ws = Workspace(chunk, weight.shape[0], hidden.device)
-    w32, b32 = as_fp32(weight), as_fp32(bias)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
-        logp = chunk_logits(hidden[idx], w32, b32, temperature, out=ws.take("z", idx.numel()))
+        logp = head.logits(ws, hidden[idx], ws.take("z", idx.numel()), targets[idx])
         out[1, idx], out[0, idx] = normalise_(logp, targets[idx])
         if need_entropy:
             out[2, idx] = -rowdot(torch.exp(logp, out=ws.take("p", idx.numel())), logp)
@@ -129,29 +123,30 @@ def grad_buffers(hidden, weight, bias, needs):
     return grad_hidden, grad_weight32, grad_bias32
 
 
-def accumulate_grads(dz, h, w32, idx, grad_hidden, grad_weight32, grad_bias32):
-    """Backpropagate one chunk's fp32 logit gradient dz ``(c, V)`` through ``logits = h @ W.T + b``, in fp32."""
-    if grad_hidden is not None:
-        grad_hidden[idx] = (dz @ w32).to(grad_hidden.dtype)
-    if grad_weight32 is not None:
-        grad_weight32.add_product(dz.T, h.float())
-    if grad_bias32 is not None:
-        grad_bias32 += dz.sum(0)
-
-
 class _Accumulator:
-    """An fp32 matrix summing ``a @ b`` products; the first product is written with ``out=`` (no zero fill)."""
+    """An fp32 matrix summing products over chunks; the first chunk writes instead of adding (no zero fill)."""
 
     def __init__(self, shape, device):
         self.value = torch.empty(shape, dtype=torch.float32, device=device)
         self.started = False
 
     def add_product(self, a, b):
+        """``value += a @ b`` for fp32 ``a``, ``b``."""
         if self.started:
             self.value.addmm_(a, b)
         else:
             torch.mm(a, b, out=self.value)
             self.started = True
+
+    def add_part(self, rows, part):
+        """``value[rows] += part`` (any dtype); call :meth:`end_chunk` once a chunk's parts are all in."""
+        if self.started:
+            self.value[rows] += part
+        else:
+            self.value[rows].copy_(part)
+
+    def end_chunk(self):
+        self.started = True
 
     def result(self):
         return self.value if self.started else self.value.zero_()
@@ -172,13 +167,13 @@ def logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, grad_entrop
     """
     rows = _rows(targets, ignore_index)
     grads = grad_buffers(hidden, weight, bias, needs)
-    chunk = chunk_size or default_chunk_size(weight.shape[0], max(rows.numel(), 1))
+    head = Head(weight, bias, temperature)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], max(rows.numel(), 1), 2 + head.scratch_buffers)
     ws = Workspace(chunk, weight.shape[0], hidden.device)
-    w32, b32 = as_fp32(weight), as_fp32(bias)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
         h = hidden[idx]
-        logp = log_softmax_(chunk_logits(h, w32, b32, temperature, out=ws.take("z", idx.numel())))
+        logp = log_softmax_(head.logits(ws, h, ws.take("z", idx.numel()), targets[idx]))
         g = grad_logp[idx].float()[:, None]
         if grad_entropy is not None:
             # dH/dz = -p * (log p + H), with H from the forward pass; built in the log-prob buffer.
@@ -190,7 +185,7 @@ def logprobs_backward(hidden, weight, bias, targets, lse, grad_logp, grad_entrop
         dz.scatter_add_(1, targets[idx][:, None], g)
         if temperature != 1.0:
             dz /= temperature
-        accumulate_grads(dz, h, w32, idx, *grads)
+        head.backprop(ws, dz, h, idx, *grads)
     return finish_grads(weight, bias, *grads)
 
 
@@ -221,18 +216,19 @@ def divergence_(logp, logq, p, q, kind, beta, need_grad):
     raise ValueError(f"kind must be 'reverse', 'forward' or 'jsd', got {kind!r}")
 
 
-def _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size):
+def _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size, heads):
     rows = (mask.nonzero().squeeze(1) if mask is not None
             else torch.arange(s_hidden.shape[0], device=s_hidden.device))
-    chunk = chunk_size or default_chunk_size(s_weight.shape[0], max(rows.numel(), 1), n_buffers=4)  # zs zt p q
+    scratch = max(head.scratch_buffers for head in heads)  # the two heads take turns with the bf16 scratch
+    chunk = chunk_size or default_chunk_size(s_weight.shape[0], max(rows.numel(), 1), 4 + scratch)  # zs zt p q
     return rows, chunk, Workspace(chunk, s_weight.shape[0], s_hidden.device)
 
 
-def _kl_chunk(ws, idx, s_hidden, sw, sb, t_hidden, tw, tb, temperature, kind, beta, need_grad):
+def _kl_chunk(ws, idx, s_hidden, student, t_hidden, teacher, kind, beta, need_grad):
     n = idx.numel()
     first = torch.zeros(n, dtype=torch.long, device=idx.device)  # any column recovers the logsumexp
-    logp = chunk_logits(s_hidden[idx], sw, sb, temperature, out=ws.take("zs", n))
-    logq = chunk_logits(t_hidden[idx], tw, tb, temperature, out=ws.take("zt", n))
+    logp = student.logits(ws, s_hidden[idx], ws.take("zs", n))
+    logq = teacher.logits(ws, t_hidden[idx], ws.take("zt", n))
     s_lse, _ = normalise_(logp, first)
     t_lse, _ = normalise_(logq, first)
     p = torch.exp(logp, out=ws.take("p", n))
@@ -244,12 +240,12 @@ def _kl_chunk(ws, idx, s_hidden, sw, sb, t_hidden, tw, tb, temperature, kind, be
 def kl_forward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, *, kind="reverse", beta=0.5,
                temperature=1.0, chunk_size=None):
     """Exact full-vocabulary divergence per token. Returns ``(kl, s_lse, t_lse)``, each ``(N,)`` float32."""
-    rows, chunk, ws = _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size)
-    sw, sb, tw, tb = as_fp32(s_weight), as_fp32(s_bias), as_fp32(t_weight), as_fp32(t_bias)
+    student, teacher = Head(s_weight, s_bias, temperature), Head(t_weight, t_bias, temperature)
+    rows, chunk, ws = _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size, (student, teacher))
     out = torch.zeros(3, s_hidden.shape[0], dtype=torch.float32, device=s_hidden.device)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
-        kl, s_lse, t_lse, _ = _kl_chunk(ws, idx, s_hidden, sw, sb, t_hidden, tw, tb, temperature, kind, beta, False)
+        kl, s_lse, t_lse, _ = _kl_chunk(ws, idx, s_hidden, student, t_hidden, teacher, kind, beta, False)
         out[0, idx], out[1, idx], out[2, idx] = kl, s_lse, t_lse
     return out[0], out[1], out[2]
 
@@ -257,12 +253,12 @@ def kl_forward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, *, 
 def kl_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, mask, s_lse, t_lse, kl, grad_kl, *,
                 kind="reverse", beta=0.5, temperature=1.0, chunk_size=None, needs=(True, True, True)):
     """Student gradients of ``sum(grad_kl * kl)`` by recomputing both models' logits chunk by chunk."""
-    rows, chunk, ws = _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size)
-    sw, sb, tw, tb = as_fp32(s_weight), as_fp32(s_bias), as_fp32(t_weight), as_fp32(t_bias)
+    student, teacher = Head(s_weight, s_bias, temperature), Head(t_weight, t_bias, temperature)
+    rows, chunk, ws = _kl_chunks(s_hidden, s_weight, t_weight, mask, chunk_size, (student, teacher))
     grads = grad_buffers(s_hidden, s_weight, s_bias, needs)
     for start in range(0, rows.numel(), chunk):
         idx = rows[start:start + chunk]
-        _, _, _, dz = _kl_chunk(ws, idx, s_hidden, sw, sb, t_hidden, tw, tb, temperature, kind, beta, True)
+        _, _, _, dz = _kl_chunk(ws, idx, s_hidden, student, t_hidden, teacher, kind, beta, True)
         dz *= grad_kl[idx].float()[:, None] / temperature
-        accumulate_grads(dz, s_hidden[idx], sw, idx, *grads)
+        student.backprop(ws, dz, s_hidden[idx], idx, *grads)
     return finish_grads(s_weight, s_bias, *grads)

@@ -15,8 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .chunked import (Workspace, accumulate_grads, as_fp32, chunk_logits, default_chunk_size, finish_grads,
-                      grad_buffers, log_softmax_, rowdot)
+from .chunked import Workspace, default_chunk_size, finish_grads, grad_buffers, log_softmax_, rowdot
+from .heads import Head
 
 __all__ = ["TeacherInputs", "FusedLossParams", "FusedPolicyLoss", "STAT_ROWS"]
 
@@ -47,7 +47,7 @@ class FusedLossParams:
     need_entropy: bool = False
 
 
-def _teacher_chunk(ws, teacher, tw32, tb32, idx, targets, temperature, keep_logq):
+def _teacher_chunk(ws, teacher, head, idx, targets, keep_logq):
     """Teacher log-prob of the targets for one chunk; with ``keep_logq`` also the teacher's ``(c, V)`` log-probs.
 
     Without ``keep_logq`` the teacher's logits go through the student's buffer "z", which the student then
@@ -56,8 +56,7 @@ def _teacher_chunk(ws, teacher, tw32, tb32, idx, targets, temperature, keep_logq
     if teacher.hidden is None:
         return teacher.logprobs[idx].float(), None
     n = idx.numel()
-    logq = log_softmax_(chunk_logits(teacher.hidden[idx], tw32, tb32, temperature,
-                                     out=ws.take("zt" if keep_logq else "z", n)))
+    logq = log_softmax_(head.logits(ws, teacher.hidden[idx], ws.take("zt" if keep_logq else "z", n), targets))
     t = logq.gather(1, targets[:, None]).squeeze(1)
     if teacher.logprobs is not None:  # precomputed log-probs win for t; the full row still serves the exact KL
         t = teacher.logprobs[idx].float()
@@ -91,20 +90,21 @@ class FusedPolicyLoss(torch.autograd.Function):
         grads = grad_buffers(hidden, weight, bias, needs)
         stats = torch.zeros(len(STAT_ROWS), n, dtype=torch.float32, device=hidden.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        w32, b32 = as_fp32(weight), as_fp32(bias)
-        tw32, tb32 = as_fp32(teacher.weight), as_fp32(teacher.bias)
+        head = Head(weight, bias, params.temperature)
+        teacher_head = Head(teacher.weight, teacher.bias, params.temperature) if teacher.hidden is not None else None
         # p needs its own buffer only when log p is still needed (exact KL, entropy); else it overwrites log p.
         keep_logp = params.need_exact_kl or params.need_entropy
-        n_buffers = 3 if params.need_exact_kl else (2 if keep_logp else 1)
+        scratch = max(h.scratch_buffers for h in (head, teacher_head) if h is not None)  # shared by both heads
+        n_buffers = (3 if params.need_exact_kl else (2 if keep_logp else 1)) + scratch
         chunk = params.chunk_size or default_chunk_size(weight.shape[0], max(n, 1), n_buffers)
         ws = Workspace(chunk, weight.shape[0], hidden.device)
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(start + chunk, n), device=hidden.device)
             tgt = targets[idx]
-            t, logq = (_teacher_chunk(ws, teacher, tw32, tb32, idx, tgt, params.temperature, params.need_exact_kl)
+            t, logq = (_teacher_chunk(ws, teacher, teacher_head, idx, tgt, params.need_exact_kl)
                        if teacher.present else (None, None))
             h = hidden[idx]
-            logp = log_softmax_(chunk_logits(h, w32, b32, params.temperature, out=ws.take("z", idx.numel())))
+            logp = log_softmax_(head.logits(ws, h, ws.take("z", idx.numel()), tgt))
             s = logp.gather(1, tgt[:, None]).squeeze(1)
             p = torch.exp(logp, out=ws.take("p", idx.numel())) if keep_logp else logp.exp_()
             kl = None
@@ -127,7 +127,7 @@ class FusedPolicyLoss(torch.autograd.Function):
             if params.temperature != 1.0:
                 dz /= params.temperature
             if any(needs):
-                accumulate_grads(dz, h, w32, idx, *grads)
+                head.backprop(ws, dz, h, idx, *grads)
         grad_hidden, grad_weight, grad_bias = finish_grads(weight, bias, *grads)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(stats)

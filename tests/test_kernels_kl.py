@@ -4,7 +4,7 @@ import torch
 
 from kdrl_kernels import fused_linear_kl
 from kdrl_kernels.reference import reference_kl
-from tolerance import assert_close_to_gt
+from tolerance import assert_close_to_gt, bf16_grad_tol
 
 
 def make(n, d, d_t, v, dtype, seed=0):
@@ -28,9 +28,11 @@ def test_divergences_and_student_grads_match_reference(kind, beta, dtype, shape,
     kl = fused_linear_kl(sh, sw, th, tw, student_bias=sb, chunk_size=8, **kw)
     gt = reference_kl(sh, sw, th, tw, s_bias=sb, **kw)
     low = reference_kl(sh, sw, th, tw, s_bias=sb, dtype=None, **kw)
-    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    # bf16 inputs are held to fp32 quality: the baseline for values is the fp32 computation, not bf16 logits.
+    fp32 = reference_kl(sh, sw, th, tw, s_bias=sb, dtype=torch.float32, **kw)
+    tol = 1e-5 if dtype == torch.float32 else 5e-5
     assert kl.dtype == torch.float32
-    assert_close_to_gt(kl, gt, low, tol, f"{kind} value")
+    assert_close_to_gt(kl, gt, fp32, tol, f"{kind} value")
     assert (kl >= -1e-6).all()
     assert (kl[~mask] == 0).all()
     up = torch.randn(shape[0], generator=torch.Generator().manual_seed(3))
@@ -39,8 +41,7 @@ def test_divergences_and_student_grads_match_reference(kind, beta, dtype, shape,
     lowg = torch.autograd.grad((low.float() * up).sum(), (sh, sw, sb))
     for name, o, r, l_ in zip(("grad_hidden", "grad_weight", "grad_bias"), ours, ref, lowg):
         assert o.dtype == dtype
-        ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0  # one rounding of the output to the input dtype
-        assert_close_to_gt(o, r, l_, tol + ulp * r.abs(), name)
+        assert_close_to_gt(o, r, l_, tol if dtype == torch.float32 else bf16_grad_tol(r), name)
 
 
 def test_teacher_gets_no_gradient():
