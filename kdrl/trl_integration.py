@@ -36,6 +36,9 @@ LOSS_TYPES = {"grpo": "seq_mean", "bnpo": "token_mean", "dr_grpo": "dr_grpo", "d
               "luspo": "token_mean"}
 # Per-token metrics averaged over all processes' tokens; the others are combined as named in _reduce_metrics.
 _SUMMED, _MIN, _MAX, _RANK_MEAN = {"num_tokens"}, {"ratio_min"}, {"ratio_max"}, {"loss", "pg_loss", "kd_loss", "beta"}
+# The multimodal inputs TRL 1.16 can put in a batch; the hidden-state path scores text-only models.
+_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+               "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
 def correctness_reward(completions, answer, **kwargs) -> list[float]:
@@ -57,6 +60,12 @@ def completion_hidden(model, input_ids, attention_mask, logits_to_keep):
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1,
                 output_hidden_states=True, use_cache=False)
     return out.hidden_states[-1][:, -logits_to_keep - 1:-1]
+
+
+def _refuse_multimodal(inputs: dict, aux_loss: bool = False):
+    given = sorted(k for k, v in inputs.items() if v is not None)
+    if given or aux_loss:
+        raise NotImplementedError(f"KDRLGRPOTrainer scores text-only models ({', '.join(given) or 'aux loss'})")
 
 
 def _head(model):
@@ -183,9 +192,7 @@ class KDRLGRPOTrainer(GRPOTrainer):
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         """TRL's per-token log-prob hook (old-policy log-probs for importance sampling), from hidden states."""
-        given = sorted(k for k, v in multimodal.items() if v is not None)
-        if given or compute_aux_loss:
-            raise NotImplementedError(f"KDRLGRPOTrainer scores text-only models ({', '.join(given) or 'aux loss'})")
+        _refuse_multimodal(multimodal, compute_aux_loss)
         weight, bias = _head(self.accelerator.unwrap_model(model))
         batch_size = batch_size or input_ids.shape[0]
         logps, entropies = [], []
@@ -217,6 +224,7 @@ class KDRLGRPOTrainer(GRPOTrainer):
         return 1.0 / accumulation  # bnpo: local token mean; dr_grpo: / (B * max_completion_length)
 
     def _compute_loss(self, model, inputs):
+        _refuse_multimodal({k: inputs.get(k) for k in _MULTIMODAL})
         mask = inputs["completion_mask"].bool()
         if "tool_mask" in inputs:
             mask = mask & inputs["tool_mask"].bool()

@@ -157,6 +157,13 @@ def test_unimplemented_trl_settings_are_refused(tiny, tmp_path, setting, match):
         _ours(tiny, tmp_path, **setting)
 
 
+def test_multimodal_batches_are_refused(tiny, tmp_path):
+    ours = _ours(tiny, tmp_path)
+    inputs = dict(_batch(ours), pixel_values=torch.zeros(B, 3, 4, 4))
+    with pytest.raises(NotImplementedError, match="pixel_values"):
+        ours.compute_loss(ours.model, inputs)
+
+
 def test_no_full_logits_forward_in_a_training_run(tiny, tmp_path, monkeypatch):
     """Two optimizer steps with old log-probs recomputed (num_iterations=2) and the exact KL to the teacher: every
     lm_head call of student and teacher sees one position per sequence, TRL's own log-prob path never runs, ours
@@ -265,9 +272,9 @@ def test_metrics_are_reduced_across_processes(tiny, tmp_path, monkeypatch):
 
 
 def test_two_process_gloo_run_logs_the_reduced_metrics(tiny, tmp_path):
-    """torchrun, 2 CPU processes (gloo), two KDRL steps (20 s on a quiet 2-core machine, 50 s
-    on a busy one): both processes log the same kdrl/* values,
-    the token-weighted mean of the two processes' own KDRLLoss metrics, and end with the same lm_head."""
+    """torchrun, 2 CPU processes (gloo), two KDRL steps (20 s on a quiet 2-core machine, 50 s on a busy one): both
+    processes log the same kdrl/* values, the token-weighted mean of their own KDRLLoss metrics, and end with the same
+    lm_head."""
     import json
     import os
     import shutil
