@@ -58,7 +58,7 @@ def _ours(tiny, tmp_path, model=None, teacher=False, kdrl=None, **overrides):
 
 def _theirs(tiny, tmp_path, model, **overrides):
     from trl import GRPOTrainer
-    student_dir, _, tok, data = tiny
+    _, _, tok, data = tiny
     return GRPOTrainer(model=model, reward_funcs=_reward, args=_args(tmp_path / "trl", **overrides),
                        train_dataset=data, processing_class=tok)
 
@@ -235,8 +235,9 @@ def test_exact_kl_matches_full_logits_reference(tiny, tmp_path, objective, loss_
 def test_metrics_are_reduced_across_processes(tiny, tmp_path, monkeypatch):
     """One accelerator.gather per loss call carries every kdrl metric; with a fake second process the per-token
     means are token-weighted, num_tokens summed, ratio_min/max the extremes and the losses averaged over processes."""
-    trainer = _ours(tiny, tmp_path, teacher=True,
-                    kdrl=__import__("kdrl_kernels").KDRLConfig(objective="kdrl", beta=0.5, log_exact_kl=True))
+    from kdrl_kernels import KDRLConfig
+
+    trainer = _ours(tiny, tmp_path, teacher=True, kdrl=KDRLConfig(objective="kdrl", beta=0.5, log_exact_kl=True))
     inputs = _batch(trainer)
     inputs.update(trainer._teacher_inputs(inputs))
     names = trainer._metric_names()
