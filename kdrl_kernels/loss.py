@@ -120,7 +120,10 @@ class KDRLLoss(torch.nn.Module):
     forward(hidden ``(B, T, d)``, weight ``(V, d)``, targets ``(B, T)`` int64, mask ``(B, T)`` bool, *,
     advantages ``(B,)``/``(B, T)`` | rewards ``(B,)`` + group_ids ``(B,)``, correct ``(B,)`` bool,
     old_logprobs ``(B, T)``, teacher_hidden ``(B, T, d_t)`` + teacher_weight ``(V_t, d_t)`` | teacher_logprobs
-    ``(B, T)``, step, bias, teacher_bias) -> ``(loss, metrics)``; ``hidden[b, t]`` predicts ``targets[b, t]``.
+    ``(B, T)``, step, bias, teacher_bias, pg_weights ``(B, T)``) -> ``(loss, metrics)``; ``hidden[b, t]`` predicts
+    ``targets[b, t]``. ``pg_weights`` (>= 0) multiply the policy-gradient term only, token by token (an
+    importance-sampling correction between the sampler and the trainer, as TRL applies to its vLLM rollouts); the KD
+    term is not weighted.
     """
 
     def __init__(self, config: Optional[KDRLConfig] = None, **kwargs):
@@ -134,7 +137,7 @@ class KDRLLoss(torch.nn.Module):
 
     def forward(self, hidden, weight, targets, mask, *, advantages=None, rewards=None, group_ids=None, correct=None,
                 old_logprobs=None, teacher_hidden=None, teacher_weight=None, teacher_logprobs=None, step=None,
-                bias=None, teacher_bias=None):
+                bias=None, teacher_bias=None, pg_weights=None):
         cfg = self.config
         if not isinstance(cfg, KDRLConfig):
             raise TypeError(f"config must be a KDRLConfig, got {type(cfg).__name__}")
@@ -158,6 +161,8 @@ class KDRLLoss(torch.nn.Module):
             correct = rewards > 0 if rewards is not None else torch.zeros(mask.shape[0], dtype=torch.bool,
                                                                           device=mask.device)
         w_kd = w_pg * O.kd_sequence_mask(correct, group_ids, cfg.kd_mask)[:, None].to(w_pg.device)
+        if pg_weights is not None:
+            w_pg = w_pg * _check_pg_weights(pg_weights, mask)
         beta = O.beta_at(step, cfg.beta, cfg.beta_schedule, cfg.beta_min, cfg.beta_decay, cfg.total_steps)
 
         flat = mask.reshape(-1)
@@ -233,6 +238,20 @@ def _token_advantages(cfg, mask, advantages, rewards, group_ids):
     if not torch.isfinite(advantages[mask]).all():
         raise ValueError("advantages contain NaN or inf (under the mask)")
     return advantages.float()
+
+
+def _check_pg_weights(pg_weights, mask):
+    """``(B, T)`` float32 per-token factors of the policy-gradient term: finite and >= 0 under the mask."""
+    V.check_tensor("pg_weights", pg_weights)
+    if not pg_weights.is_floating_point():
+        raise TypeError(f"pg_weights must be a floating tensor, got {pg_weights.dtype}")
+    if tuple(pg_weights.shape) != tuple(mask.shape):
+        raise ValueError(f"pg_weights must have shape {tuple(mask.shape)}, got {tuple(pg_weights.shape)}")
+    V.check_same_device(mask=mask, pg_weights=pg_weights)
+    vals = pg_weights[mask]
+    if vals.numel() and not (torch.isfinite(vals).all() and bool((vals >= 0).all())):
+        raise ValueError("pg_weights must be finite and >= 0 under the mask")
+    return torch.where(mask, pg_weights.float(), torch.zeros((), device=mask.device))
 
 
 def _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, teacher_weight, teacher_logprobs,

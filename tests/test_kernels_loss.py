@@ -26,7 +26,7 @@ def batch(seed=0, dtype=torch.float32):
                 rewards=rewards, group_ids=groups, old_logprobs=old)
 
 
-def reference_loss(cfg, b):
+def reference_loss(cfg, b, pg_weights=None):
     """The loss written the naive way, in float64 with full logits."""
     m = b["mask"]
     rows = m.reshape(-1)
@@ -38,6 +38,8 @@ def reference_loss(cfg, b):
     adv = O.group_advantages(b["rewards"], b["group_ids"])[:, None].expand(B, T)[m].double()
     w_pg = O.aggregation_weights(m, cfg.aggregation)[m].double()
     w_kd = w_pg * O.kd_sequence_mask(b["rewards"] > 0, b["group_ids"], cfg.kd_mask)[:, None].expand(B, T)[m]
+    if pg_weights is not None:
+        w_pg = w_pg * pg_weights[m].double()
     old = b["old_logprobs"][m].double() if b["old_logprobs"] is not None else None
     pg, kd = token_losses(s, t, old, adv, kl, cfg, cfg.beta)
     loss = torch.zeros((), dtype=torch.float64)
@@ -76,6 +78,27 @@ def test_loss_and_grads_match_reference(objective, estimator, single_pass):
         torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-6)
     assert metrics["num_tokens"] == int(b["mask"].sum())
     assert metrics["logp_mean"] <= 0 and metrics["exact_kl"] >= 0
+
+
+@pytest.mark.parametrize("objective", ["grpo", "kdrl", "kdrl_shaping", "trrd"])
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_pg_weights_multiply_the_policy_term_only(objective, single_pass):
+    """Per-token pg_weights (an importance-sampling correction) scale the policy-gradient term, not the KD term."""
+    cfg = KDRLConfig(objective=objective, beta=0.3, single_pass=single_pass, chunk_size=5)
+    b = batch()
+    b["old_logprobs"] = b["old_logprobs"] * 0.1 + 0.9 * reference_old(b)
+    w = torch.rand(B, T, generator=torch.Generator().manual_seed(3)) * 2
+    w[0, :3] = 0.0
+    w[~b["mask"]] = float("nan")  # only the tokens under the mask are read
+    loss, _ = run(cfg, b, pg_weights=w)
+    ref = reference_loss(cfg, b, pg_weights=w)
+    grads = torch.autograd.grad(loss, (b["hidden"], b["weight"]))
+    ref_grads = torch.autograd.grad(ref, (b["hidden"], b["weight"]))
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r.double(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="pg_weights must be finite and >= 0"):
+        run(cfg, b, pg_weights=-w.nan_to_num())
 
 
 def reference_old(b):

@@ -1,0 +1,306 @@
+"""KDRLGRPOTrainer against TRL's own GRPOTrainer: same loss and gradients per loss_type (beta = 0, no teacher), TRL's
+importance-sampling ratio and normaliser kept, no full-logits forward, metrics reduced across processes, and the exact
+KL to the teacher equal to a full-logits reference. fp32, tiny random Llama, CPU."""
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+from _train_tiny import make_tiny_pair, one_thread  # noqa: E402,F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+B, P, T = 4, 6, 8  # sequences, prompt width (left-padded), completion width (= max_completion_length)
+# fp32 on CPU: TRL's chunked head and ours differ only in summation order (and RoPE positions shifted by the
+# left padding, which RoPE's relative form cancels up to rounding).
+TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    student_dir, teacher_dir = make_tiny_pair(tmp_path_factory.mktemp("models"))
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)}
+                              for i in range(8)])
+    return student_dir, teacher_dir, AutoTokenizer.from_pretrained(student_dir), data
+
+
+def _reward(completions, **kwargs):
+    return [float(i % 2) for i in range(len(completions))]
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def _args(tmp_path, **overrides):
+    from trl import GRPOConfig
+    kw = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=B, num_generations=4,
+              gradient_accumulation_steps=2, max_completion_length=T, max_steps=1, learning_rate=1e-2, use_cpu=True,
+              report_to=[], logging_steps=1, save_strategy="no", bf16=False, seed=0)
+    kw.update(overrides)
+    return GRPOConfig(**kw)
+
+
+def _ours(tiny, tmp_path, model=None, teacher=False, kdrl=None, **overrides):
+    from kdrl.trl_integration import KDRLGRPOTrainer
+    from kdrl_kernels import KDRLConfig
+    student_dir, teacher_dir, tok, data = tiny
+    return KDRLGRPOTrainer(model=model if model is not None else _load(student_dir), reward_funcs=_reward,
+                           args=_args(tmp_path / "ours", **overrides), train_dataset=data, processing_class=tok,
+                           teacher_model=_load(teacher_dir) if teacher else None,
+                           kdrl_config=kdrl or KDRLConfig(objective="grpo"))
+
+
+def _theirs(tiny, tmp_path, model, **overrides):
+    from trl import GRPOTrainer
+    _, _, tok, data = tiny
+    return GRPOTrainer(model=model, reward_funcs=_reward, args=_args(tmp_path / "trl", **overrides),
+                       train_dataset=data, processing_class=tok)
+
+
+def _batch(trainer, is_mode=None, seed=0):
+    """A prepared GRPO micro-batch: left-padded prompts, right-padded completions (one full, one empty), mixed-sign
+    advantages, old log-probs off-policy enough that both clip bounds engage, a generation-batch token count spanning
+    more than this micro-batch, and optionally TRL's vLLM importance-sampling ratio."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = trainer.model.config.vocab_size
+    prompt_len, comp_len = torch.tensor([6, 3, 5, 2]), torch.tensor([8, 5, 2, 0])
+    prompt_mask = (torch.arange(P)[None] >= P - prompt_len[:, None]).long()
+    completion_mask = (torch.arange(T)[None] < comp_len[:, None]).long()
+    prompt_ids = torch.randint(3, vocab, (B, P), generator=g) * prompt_mask
+    completion_ids = torch.randint(3, vocab, (B, T), generator=g) * completion_mask
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                  completion_mask=completion_mask, advantages=torch.tensor([1.0, -0.7, 0.5, -1.2]),
+                  num_items_in_batch=3.0 * completion_mask.sum().float())
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), T)
+    inputs["old_per_token_logps"] = (logp + (torch.rand(B, T, generator=g) - 0.5) * completion_mask).detach()
+    if is_mode == "token":
+        inputs["importance_sampling_ratio"] = torch.rand(B, T, generator=g) * 2 * (torch.rand(B, T, generator=g) > 0.2)
+    elif is_mode == "sequence":
+        inputs["importance_sampling_ratio"] = torch.tensor([[1.3], [0.0], [0.6], [2.0]])
+    return inputs
+
+
+def _loss_and_grads(trainer, inputs, accumulation=2):
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.current_gradient_accumulation_steps = accumulation
+    if "importance_sampling_ratio" in inputs:  # what use_vllm=True sets up, without a vLLM server
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+    loss = trainer.compute_loss(trainer.model, copy.copy(inputs))
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
+                           if p.grad is not None}
+
+
+def _assert_same(ours, theirs):
+    (loss_a, grads_a), (loss_b, grads_b) = ours, theirs
+    torch.testing.assert_close(loss_a, loss_b, **TOL)
+    assert grads_a.keys() == grads_b.keys() and "lm_head.weight" in grads_a
+    for name in grads_b:
+        torch.testing.assert_close(grads_a[name], grads_b[name], **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_logprob_hook_equals_trls(tiny, tmp_path):
+    """TRL's per-token log-prob hook (its old-policy log-probs) from our hidden-state op: same log-probs and entropy."""
+    model = _load(tiny[0])
+    ours, theirs = _ours(tiny, tmp_path, model=copy.deepcopy(model)), _theirs(tiny, tmp_path, model)
+    inputs = _batch(theirs)
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    with torch.no_grad():
+        a = ours._get_per_token_logps_and_entropies(ours.model, ids, att, T, batch_size=3, compute_entropy=True)
+        b = theirs._get_per_token_logps_and_entropies(theirs.model, ids, att, T, batch_size=3, compute_entropy=True)
+    torch.testing.assert_close(a[0], b[0], **TOL)
+    torch.testing.assert_close(a[1], b[1], **TOL)
+    assert a[2] is None and b[2] is None
+
+
+@pytest.mark.parametrize("is_mode", [None, "token"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"])
+def test_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, is_mode):
+    model = _load(tiny[0])
+    ours = _ours(tiny, tmp_path, model=copy.deepcopy(model), loss_type=loss_type)
+    theirs = _theirs(tiny, tmp_path, model, loss_type=loss_type)
+    inputs = _batch(theirs, is_mode)
+    _assert_same(_loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs))
+
+
+def test_sequence_level_is_ratio_and_eval_normaliser_equal_trls(tiny, tmp_path):
+    """TRL's sequence-level vLLM ratio ((B, 1), sequence_mask mode) and DAPO's normaliser in eval (no accumulation)."""
+    model = _load(tiny[0])
+    ours, theirs = _ours(tiny, tmp_path, model=copy.deepcopy(model)), _theirs(tiny, tmp_path, model)
+    inputs = _batch(theirs, "sequence")
+    _assert_same(_loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs))
+    for trainer in (ours, theirs):
+        trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.compute_loss(ours.model, inputs), theirs.compute_loss(theirs.model, inputs),
+                                   **TOL)
+
+
+@pytest.mark.parametrize("setting, match", [
+    (dict(loss_type="cispo"), "loss_type='cispo'"),
+    (dict(beta=0.04), "beta != 0"),
+    (dict(importance_sampling_level="sequence"), "sequence"),
+    (dict(epsilon_high=0.28), "eps_high=0.2 but TRL's epsilon_high=0.28"),
+])
+def test_unimplemented_trl_settings_are_refused(tiny, tmp_path, setting, match):
+    with pytest.raises(ValueError, match=match):
+        _ours(tiny, tmp_path, **setting)
+
+
+def test_multimodal_batches_are_refused(tiny, tmp_path):
+    ours = _ours(tiny, tmp_path)
+    inputs = dict(_batch(ours), pixel_values=torch.zeros(B, 3, 4, 4))
+    with pytest.raises(NotImplementedError, match="pixel_values"):
+        ours.compute_loss(ours.model, inputs)
+
+
+def test_no_full_logits_forward_in_a_training_run(tiny, tmp_path, monkeypatch):
+    """Two optimizer steps with old log-probs recomputed (num_iterations=2) and the exact KL to the teacher: every
+    lm_head call of student and teacher sees one position per sequence, TRL's own log-prob path never runs, ours
+    does, and the KL is logged."""
+    from trl import GRPOTrainer
+
+    from kdrl.trl_integration import KDRLGRPOTrainer
+    from kdrl_kernels import KDRLConfig
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("TRL's log-prob path ran")
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", refuse)
+    hook_calls = []
+    original = KDRLGRPOTrainer._get_per_token_logps_and_entropies
+
+    def counted(self, *args, **kwargs):
+        hook_calls.append(1)
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(KDRLGRPOTrainer, "_get_per_token_logps_and_entropies", counted)
+
+    trainer = _ours(tiny, tmp_path, teacher=True, num_iterations=2, gradient_accumulation_steps=1, max_steps=2,
+                    kdrl=KDRLConfig(objective="kdrl", beta=0.5, kl_estimator="exact"))
+    positions = []
+    for model in (trainer.model, trainer.teacher):
+        model.get_output_embeddings().register_forward_pre_hook(lambda mod, args: positions.append(args[0].shape[-2]))
+    trainer.train()
+    assert hook_calls and positions and max(positions) == 1
+    logged = [h for h in trainer.state.log_history if "kdrl/exact_kl" in h]
+    assert len(logged) == 2 and all(h["kdrl/exact_kl"] > 0 for h in logged)
+
+
+@pytest.mark.parametrize("objective, loss_type", [("kdrl", "dapo"), ("kd", "bnpo")])
+def test_exact_kl_matches_full_logits_reference(tiny, tmp_path, objective, loss_type):
+    """The exact reverse KL to the teacher from both models' hidden states (fused_linear_kl inside KDRLLoss) against
+    full-logits softmaxes: loss and gradients; for kdrl, TRL's own GRPO loss plus beta times that KL."""
+    from kdrl_kernels import KDRLConfig
+
+    beta = 0.5
+    model = _load(tiny[0])
+    ours = _ours(tiny, tmp_path, model=copy.deepcopy(model), teacher=True, loss_type=loss_type,
+                 kdrl=KDRLConfig(objective=objective, beta=beta, kl_estimator="exact"))
+    theirs = _theirs(tiny, tmp_path, model, loss_type=loss_type)
+    inputs = _batch(theirs)
+    inputs.update(ours._teacher_inputs(inputs))
+    assert inputs["teacher_hidden"].shape == (B, T, ours.teacher.config.hidden_size)
+    got = _loss_and_grads(ours, inputs)
+
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    pos = (att.cumsum(-1) - 1).clamp_min(0)
+    theirs.model.train()
+    theirs.model.zero_grad(set_to_none=True)
+    theirs.current_gradient_accumulation_steps = 2
+    with torch.no_grad():
+        t_logits = ours.teacher(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, P - 1:-1]
+    s_logits = theirs.model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, P - 1:-1]
+    logp_s, logp_t = s_logits.log_softmax(-1), t_logits.log_softmax(-1)
+    kl = (logp_s.exp() * (logp_s - logp_t)).sum(-1)  # (B, T) reverse KL(student || teacher), full vocabulary
+    mask = inputs["completion_mask"].float()
+    if loss_type == "dapo":  # TRL's normaliser: the generation batch's tokens (GA / steps_per_generation = 1)
+        kd = (kl * mask).sum() / inputs["num_items_in_batch"]
+        want = theirs.compute_loss(theirs.model, copy.copy(inputs)) + beta * kd
+    else:  # bnpo: this micro-batch's token mean, over the accumulation steps; kd's coefficient is 1
+        want = (kl * mask).sum() / mask.sum() / 2
+    want.backward()
+    _assert_same(got, (want.detach(), {n: p.grad for n, p in theirs.model.named_parameters() if p.grad is not None}))
+
+
+def test_metrics_are_reduced_across_processes(tiny, tmp_path, monkeypatch):
+    """One accelerator.gather per loss call carries every kdrl metric; with a fake second process the per-token
+    means are token-weighted, num_tokens summed, ratio_min/max the extremes and the losses averaged over processes."""
+    from kdrl_kernels import KDRLConfig
+
+    trainer = _ours(tiny, tmp_path, teacher=True, kdrl=KDRLConfig(objective="kdrl", beta=0.5, log_exact_kl=True))
+    inputs = _batch(trainer)
+    inputs.update(trainer._teacher_inputs(inputs))
+    names = trainer._metric_names()
+    other = torch.arange(1.0, len(names) + 1, dtype=torch.float64)  # the fake second process's row
+    other[names.index("num_tokens")] = 3.0
+    seen = []
+
+    def gather(tensor):
+        seen.append(tensor)
+        return torch.cat([tensor, other[None]])
+    monkeypatch.setattr(trainer.accelerator, "gather", gather)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    local = {}
+    original = trainer.kdrl_loss.forward
+
+    def keep(*args, **kwargs):
+        loss, metrics = original(*args, **kwargs)
+        local.update(metrics)
+        return loss, metrics
+    monkeypatch.setattr(trainer.kdrl_loss, "forward", keep)
+    trainer.compute_loss(trainer.model, inputs)
+    assert len(seen) == 1 and seen[0].shape == (1, len(names)) and set(local) == set(names)
+    logged = {k[len("kdrl/"):]: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("kdrl/")}
+    n, o = local["num_tokens"], dict(zip(names, other.tolist()))
+    assert logged["num_tokens"] == n + 3.0
+    assert logged["ratio_min"] == min(local["ratio_min"], o["ratio_min"])
+    assert logged["ratio_max"] == max(local["ratio_max"], o["ratio_max"])
+    for name in ("loss", "kd_loss"):
+        assert logged[name] == pytest.approx((local[name] + o[name]) / 2)
+    for name in ("k2", "exact_kl", "entropy", "clip_frac"):
+        assert logged[name] == pytest.approx((local[name] * n + o[name] * 3.0) / (n + 3.0))
+
+
+def test_two_process_gloo_run_logs_the_reduced_metrics(tiny, tmp_path):
+    """torchrun, 2 CPU processes (gloo), two KDRL steps (20 s on a quiet 2-core machine, 50 s on a busy one): both
+    processes log the same kdrl/* values, the token-weighted mean of their own KDRLLoss metrics, and end with the same
+    lm_head."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("torchrun not on PATH")
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(repo / "tests" / "_trl_ddp_worker.py"), str(tiny[0]), str(tiny[1]), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["world"] == 2 for r in ranks) and ranks[0]["lm_head"] == ranks[1]["lm_head"]
+    logged = [[h for h in r["logged"] if "kdrl/k2" in h] for r in ranks]
+    assert len(logged[0]) == len(logged[1]) == 2
+    for step in range(2):
+        a, b = (r["local"][step] for r in ranks)  # one micro-batch per step and process
+        kdrl = [{k: v for k, v in h[step].items() if k.startswith("kdrl/")} for h in logged]
+        assert len(kdrl[0]) > 10 and kdrl[0] == kdrl[1]
+        assert a["k2"] != b["k2"]  # the processes saw different completions
+        assert logged[0][step]["kdrl/num_tokens"] == a["num_tokens"] + b["num_tokens"]
+        want = (a["k2"] * a["num_tokens"] + b["k2"] * b["num_tokens"]) / (a["num_tokens"] + b["num_tokens"])
+        assert logged[0][step]["kdrl/k2"] == pytest.approx(want, rel=1e-6)
