@@ -125,3 +125,19 @@ def test_a_worker_that_cannot_start_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(verify_pool, "_BOOT", "import sys; sys.exit(3)")
     with VerifierPool(processes=1) as broken, pytest.raises(RuntimeError, match="exited while starting .exit code 3"):
         broken.verify_many([("x", "y")])
+
+
+def test_agreement_report_on_a_tiny_stored_run(tmp_path):
+    import json
+
+    from evals.agreement import reason, run_agreement
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "config.json").write_text(json.dumps({"sampling": {"max_new_tokens": 8}, "grade_timeout": 3.0}))
+    records = [{"task": "t", "id": "a", "response": "so the total is 12", "gold": "12", "tokens": 8,
+                "finish_reason": "length", "correct": True},       # cut: Math-Verify alone credits it, ours not
+               {"task": "t", "id": "b", "response": "\\boxed{7}", "gold": "7", "tokens": 3, "correct": True}]
+    (tmp_path / "samples" / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = run_agreement(tmp_path)
+    assert (out["samples"], out["differ"], out["only_math_verify"], out["stored_verdicts_changed"]) == (2, 1, 1, 1)
+    assert out["reasons"] == {"truncated, no box (Math-Verify credits)": 1}
+    assert reason("\\boxed{1} and \\boxed{2}", False) == "several boxes" and reason("\\boxed{1", False) == "unclosed box"
