@@ -8,7 +8,7 @@ with MemoryError instead of swapping the machine.
 Workers are fresh interpreters (`subprocess`, POSIX) that import only this module, not `multiprocessing`
 children: spawn and forkserver children re-import the caller's main script, so a script calling `grade_many`
 without an `if __name__ == "__main__":` guard would run again in every worker (and fail starting workers of its
-own). A worker reports ready once Math-Verify is imported; only then does the per-pair timeout start counting.
+own). A worker reports ready once Math-Verify is imported and warm; only then does the per-pair timeout count.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import time
 from multiprocessing.connection import Connection, wait
 
 _MEMORY_LIMIT_BYTES = 4 * 1024 ** 3
-_STARTUP_TIMEOUT = 120.0  # seconds for a new worker to import sympy and Math-Verify
+_STARTUP_TIMEOUT = 120.0  # seconds for a new worker to import sympy and Math-Verify and verify one pair
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the directory holding the kdrl package
 # The worker's whole program: our package first on sys.path, the current directory ("") off it.
 _BOOT = ("import sys; sys.path[:] = [{root!r}] + [p for p in sys.path if p]; "
@@ -58,8 +58,9 @@ def _child_main(fd: int) -> None:
         pass  # no rlimit on this platform: the timeout still bounds the damage
     # Math-Verify warns once per process that its own timeouts are off; that is deliberate here.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
-    import math_verify  # noqa: F401  (before "ready": the parent's per-pair timeout excludes this import)
-    import sympy  # noqa: F401
+    # Before "ready", so the parent's per-pair timeout excludes them: the imports, and one pair, since the first
+    # parse builds Math-Verify's LaTeX parser (0.3 s here, 100x a later pair: several seconds on a loaded machine).
+    verify_pair("x + 1", "1 + x")
     conn = Connection(fd)
     conn.send("ready")
     _worker_main(conn)
