@@ -18,7 +18,7 @@ from kdrl.generation import SamplingConfig
 from kdrl.grading import extract_answer, extract_boxed, grade_many
 from kdrl.prompts import BOXED_INSTRUCTION, render_prompt
 
-__all__ = ["EvalSettings", "evaluate_tasks"]
+__all__ = ["EvalSettings", "evaluate_tasks", "record_truncated"]
 
 
 @dataclass
@@ -38,12 +38,22 @@ class EvalSettings:
                 "instruction": BOXED_INSTRUCTION if self.prompt_style != "fewshot" else None}
 
 
+def record_truncated(record: dict, max_new_tokens: int) -> bool:
+    """Did this stored sample hit the token limit? Its `finish_reason` says so ("length"); a record from before
+    that field existed counts as cut when it used the whole budget (`tokens >= max_new_tokens`), and one with
+    neither field counts as cut (it cannot be shown to have finished, so only a closed box may earn credit)."""
+    if "finish_reason" in record:
+        return record["finish_reason"] == "length"
+    return "tokens" not in record or record["tokens"] >= max_new_tokens
+
+
 def _records(task: str, problem, prompt: str, completions, missing: list[int]) -> list[dict]:
     out = []
     for j in missing:
         c = completions[j]
         rec = {"task": task, "id": problem.id, "sample": j, "prompt": prompt, "response": c.text,
-               "extracted": extract_answer(c.text), "gold": problem.answer, "tokens": len(c.token_ids),
+               "extracted": extract_answer(c.text, truncated=c.finish_reason == "length"), "gold": problem.answer,
+               "tokens": len(c.token_ids),
                "finish_reason": c.finish_reason, "boxed": extract_boxed(c.text) is not None}
         if TASKS[task].lm_eval_gsm8k:
             rec["strict_extracted"], rec["flexible_extracted"] = gsm8k_lm_eval_extract(c.text)
@@ -52,15 +62,16 @@ def _records(task: str, problem, prompt: str, completions, missing: list[int]) -
     return out
 
 
-def _regrade(task: str, store: RunStore, timeout: float, progress: bool) -> int:
+def _regrade(task: str, store: RunStore, timeout: float, progress: bool, max_new_tokens: int) -> int:
     """Grade every stored sample of `task` again with the current grader; returns how many verdicts changed."""
     records = store.load(task)
-    verdicts = grade_many([r["response"] for r in records], [r["gold"] for r in records], timeout=timeout,
-                          progress=f"regrade {task}" if progress else False)
+    cut = [record_truncated(r, max_new_tokens) for r in records]
+    verdicts = grade_many([r["response"] for r in records], [r["gold"] for r in records], truncated=cut,
+                          timeout=timeout, progress=f"regrade {task}" if progress else False)
     changed = 0
-    for r, ok in zip(records, verdicts):
+    for r, ok, t in zip(records, verdicts, cut):
         changed += r["correct"] != ok
-        r["correct"], r["extracted"] = ok, extract_answer(r["response"])
+        r["correct"], r["extracted"] = ok, extract_answer(r["response"], truncated=t)
     store.rewrite(task, records)
     return changed
 
@@ -92,6 +103,7 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
             missing = [j for j in range(n) if (p.id, j) not in have]
             records += _records(task, p, prompt, comps, missing)
         verdicts = grade_many([r["response"] for r in records], [r["gold"] for r in records],
+                              truncated=[r["finish_reason"] == "length" for r in records],
                               timeout=settings.grade_timeout, progress="grade" if progress else False)
         for r, ok in zip(records, verdicts):
             r["correct"] = ok
@@ -100,7 +112,8 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
         new_samples += len(records)
         bar.update(len(records))
     bar.close()
-    changed = _regrade(task, store, settings.grade_timeout, progress) if regrade else None
+    changed = (_regrade(task, store, settings.grade_timeout, progress, settings.sampling.max_new_tokens)
+               if regrade else None)
     records = [r for r in store.load(task) if r["id"] in wanted]
     metrics = task_metrics(records)
     if changed is not None:

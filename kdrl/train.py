@@ -324,13 +324,14 @@ class Trainer:
             groups = self.generator.generate(texts, sampling, progress=False)
         with timer("grading"):
             flat = [c for g in groups for c in g]
+            cut = [c.finish_reason == "length" for c in flat]  # hit max_new_tokens: no credit from a fallback
             ok = grade_many([c.text for c in flat], [p.answer for p in problems for _ in range(r.group_size)],
-                            timeout=r.grader_timeout)
+                            truncated=cut, timeout=r.grader_timeout)
         G = r.group_size
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         return build_batch(prompt_ids, [[c.token_ids for c in g] for g in groups],
                            [ok[i * G:(i + 1) * G] for i in range(len(groups))],
-                           [[c.finish_reason == "length" for c in g] for g in groups],
+                           [cut[i * G:(i + 1) * G] for i in range(len(groups))],
                            pad_id=self._pad_id(), scale_advantages=r.scale_advantages)
 
     def _pad_id(self) -> int:
@@ -443,7 +444,8 @@ class Trainer:
         problems = load_task(run.eval_task, limit=run.eval_limit)
         outs = self.generator.generate(self.prompts(problems), SamplingConfig(
             max_new_tokens=run.eval_max_new_tokens, temperature=0.0, n=1), progress=False)
-        ok = grade_many([o[0].text for o in outs], [p.answer for p in problems])
+        ok = grade_many([o[0].text for o in outs], [p.answer for p in problems],
+                        truncated=[o[0].finish_reason == "length" for o in outs])
         return {"eval_accuracy": sum(ok) / len(ok),
                 "eval_len_mean": sum(len(o[0].token_ids) for o in outs) / len(outs)}
 

@@ -41,15 +41,18 @@ _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_
                "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
 
 
-def correctness_reward(completions, answer, **kwargs) -> list[float]:
+def correctness_reward(completions, answer, truncated=None, **kwargs) -> list[float]:
     """TRL reward function: 1.0 where the completion's final answer matches the dataset's ``answer`` column.
 
     ``completions`` are strings or (conversational datasets) lists of messages; uses ``kdrl.grading``, the
-    evaluation harness's grader.
+    evaluation harness's grader. ``truncated``: one bool per completion, True where it hit the length limit (then
+    only a closed box earns credit); ``KDRLGRPOTrainer`` passes it. A plain ``GRPOTrainer`` does not, and then
+    every completion counts as finished (an unclosed box still never earns credit).
     """
     from kdrl.grading import grade_many
     texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-    return [float(ok) for ok in grade_many(texts, [str(a) for a in answer])]
+    cut = [bool(t) for t in truncated] if truncated is not None else False
+    return [float(ok) for ok in grade_many(texts, [str(a) for a in answer], truncated=cut)]
 
 
 def completion_hidden(model, input_ids, attention_mask, logits_to_keep):
@@ -146,6 +149,11 @@ class KDRLGRPOTrainer(GRPOTrainer):
                              "kdrl_kernels scores hidden @ weight.T / temperature only")
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # Reward functions get every input column as a keyword: add "truncated" (no eos/pad at the end, as TRL's
+        # own mask_truncated_completions decides), so correctness_reward knows which completions were cut.
+        stops = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        inputs = [{**x, "truncated": bool(ids) and ids[-1] not in stops}
+                  for x, ids in zip(inputs, completion_ids_list)]
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         self._last_rewards = rewards_per_func  # (all processes' completions, reward functions)
         return rewards_per_func

@@ -18,21 +18,21 @@ def pool():
     ("first \\boxed{3} then corrected: \\boxed{\\sqrt{\\frac{a}{b}}}", "\\sqrt{\\frac{a}{b}}"),  # last, nested
     ("\\fbox{42}", "42"),
     ("The answer is \\boxed 7.", "7"),
-    ("unclosed \\boxed{12 and then the answer is 13.", "13"),             # unmatched brace: fall back
+    ("unclosed \\boxed{12 and then the answer is 13.", None),             # inside an unfinished box: no answer
     ("Therefore, the final answer is $\\frac{3}{4}$. Done", "\\frac{3}{4}"),
     ("The answer is 3.5 meters.\nmore", "3.5 meters"),                      # decimal point is not a sentence end
     ("She pays 12 + 30 = 42 dollars, then 1,250 in total.", "1,250"),       # last number
     ("no digits here", None),
 ])
 def test_extract_answer(text, expected):
-    assert extract_answer(text) == expected
+    assert extract_answer(text, truncated=False) == expected
 
 
 def test_extract_boxed_needs_braces_or_space():
     assert extract_boxed("\\boxed{a}{b}") == "a"
     assert extract_boxed("nothing boxed") is None
     with pytest.raises(TypeError):
-        extract_answer(None)
+        extract_answer(None, truncated=False)
 
 
 @pytest.mark.parametrize("pred,gold", [
@@ -84,21 +84,21 @@ HARD_CASES = [
 
 def test_grade_hard_cases(pool):
     responses, golds, expected = zip(*HARD_CASES)
-    got = grade_many(list(responses), list(golds), pool=pool)
+    got = grade_many(list(responses), list(golds), truncated=False, pool=pool)
     wrong = [(r, g, e) for r, g, e, v in zip(responses, golds, expected, got) if v != e]
     assert not wrong, f"misgraded: {wrong}"
 
 
 def test_grade_many_validates_arguments():
     with pytest.raises(ValueError, match="differ in length"):
-        grade_many(["a"], [])
+        grade_many(["a"], [], truncated=False)
     with pytest.raises(ValueError, match="timeout"):
-        grade_many(["a"], ["a"], timeout=0)
+        grade_many(["a"], ["a"], truncated=False, timeout=0)
 
 
 def test_no_answer_is_wrong_without_a_worker():
     fresh = VerifierPool(processes=1)
-    assert grade_many(["I do not know."], ["5"], pool=fresh) == [False]
+    assert grade_many(["I do not know."], ["5"], truncated=False, pool=fresh) == [False]
     assert fresh._workers == []  # never started: nothing to verify
 
 
@@ -107,17 +107,18 @@ def test_pathological_answer_times_out(pool):
     tower = "\\boxed{" + "9^{" * 12 + "9" + "}" * 12 + "}"
     before = pool.timeouts
     t0 = time.monotonic()
-    got = grade_many([tower, "\\boxed{\\frac{2}{4}}"], ["1", "0.5"], timeout=1.0, pool=pool)
+    got = grade_many([tower, "\\boxed{\\frac{2}{4}}"], ["1", "0.5"], truncated=False, timeout=1.0, pool=pool)
     elapsed = time.monotonic() - t0
     assert got == [False, True]
     assert elapsed < 6.0, f"timeout not enforced: {elapsed:.1f} s"
     assert pool.timeouts == before + 1  # it really overran and its worker was killed and replaced
-    assert grade_many(["\\boxed{x+x}"], ["2x"], pool=pool) == [True]
+    assert grade_many(["\\boxed{x+x}"], ["2x"], truncated=False, pool=pool) == [True]
 
 
 def test_model_output_is_never_executed(pool, tmp_path):
     """An answer that would run code if passed to eval/sympy.parse_expr stays inert."""
     marker = tmp_path / "pwned"
     payload = f"__import__('pathlib').Path({str(marker)!r}).touch()"
-    assert grade_many([f"\\boxed{{{payload}}}", f"The answer is {payload}"], ["1", "1"], pool=pool) == [False, False]
+    assert grade_many([f"\\boxed{{{payload}}}", f"The answer is {payload}"], ["1", "1"], truncated=False,
+                      pool=pool) == [False, False]
     assert not marker.exists()

@@ -83,6 +83,6 @@ def test_boxed_task_yaml_grades_like_our_grader():
     responses = ["\\boxed{204}", "So the answer is \\boxed{0113}.", "\\boxed{370}", "The answer is 385"]
     replay = ReplayGenerator({p.question: r for p, r in zip(problems, responses)})
     res = run_lm_eval(KdrlLM(generator=replay), ["kdrl_aime24"], limit=len(problems))
-    ours = grade_many(responses, [p.answer for p in problems])
+    ours = grade_many(responses, [p.answer for p in problems], truncated=False)  # as the lm-eval hook
     assert ours == [True, True, False, True]
     assert res["results"]["kdrl_aime24"]["exact_match,none"] == pytest.approx(sum(ours) / len(ours))

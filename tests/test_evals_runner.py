@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from evals.runner import EvalSettings, evaluate_task
+from evals.runner import EvalSettings, _regrade, evaluate_task
 from evals.store import RunStore
 from kdrl.data import load_task
 from kdrl.generation import Completion, SamplingConfig
@@ -123,3 +123,25 @@ def test_regrade_rewrites_verdicts_without_generating(setup):
     assert idle.calls == [] and metrics["accuracy"] == pytest.approx(0.5)
     assert metrics["regrade_changed_verdicts"] == len(records)
     assert [r["correct"] for r in store.load("aime24")] == [not r["correct"] for r in records]
+
+
+class CutGenerator(ScriptedGenerator):
+    """Sample 0 states the gold in prose but hit the token limit; sample 1 says the same and finished."""
+
+    def generate(self, prompts, sampling, progress=False):
+        return [[Completion(f"so the answer is {self.golds[p]}", [1] * (sampling.max_new_tokens if j == 0 else 3),
+                            "length" if j == 0 else "stop") for j in range(sampling.n)] for p in prompts]
+
+
+def test_truncated_samples_get_no_fallback_credit_now_or_on_regrade(setup):
+    _, golds, settings, store = setup
+    evaluate_task(CutGenerator(golds), "aime24", settings, store, progress=False)
+    records = store.load("aime24")
+    assert [r["correct"] for r in records if r["sample"] == 0] == [False] * 7  # finish_reason "length"
+    assert all(r["correct"] for r in records if r["sample"] == 1)
+    for r in records:
+        del r["finish_reason"]  # as in a store written before the field existed: tokens vs max_new_tokens decide
+    store.rewrite("aime24", records)
+    # (only the regrade: task_metrics itself needs finish_reason for the truncation rate)
+    assert _regrade("aime24", store, 3.0, False, settings.sampling.max_new_tokens) == 0
+    assert [r["correct"] for r in store.load("aime24")] == [r["correct"] for r in records]

@@ -26,7 +26,13 @@ def test_trl_subclass_runs_steps_with_the_kdrl_loss(tmp_path, objective):
                               for i in range(4)])
     # A reward that differs inside every group of 4 (not the 0/1 grader: a random tiny model is never right), so
     # advantages are never all zero; a length-based reward tied now and then and left TRRD with no gradient.
-    lengths = lambda completions, **kw: [float(i % 2) for i in range(len(completions))]  # noqa: E731
+    # It also records the "truncated" flags the subclass hands to reward functions (correctness_reward uses them).
+    seen = []
+
+    def lengths(completions, **kw):
+        seen.append(kw["truncated"])
+        return [float(i % 2) for i in range(len(completions))]
+
     args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=8, max_steps=2, learning_rate=1e-2, use_cpu=True, report_to=[],
                       logging_steps=1, save_strategy="no", bf16=False, seed=0)
@@ -34,9 +40,18 @@ def test_trl_subclass_runs_steps_with_the_kdrl_loss(tmp_path, objective):
                               processing_class=tok, teacher_model=teacher,
                               kdrl_config=KDRLConfig(objective=objective, beta=0.5))
     trainer.train()
+    assert seen and all(len(t) == 4 and all(isinstance(x, bool) for x in t) for t in seen)
     logged = [h for h in trainer.state.log_history if "kdrl/k2" in h]
     assert len(logged) == 2 and all(h["kdrl/k2"] > 0 for h in logged)
     if objective == "trrd":  # the teacher-anchored ratio is not 1 on-policy, so clipping is measured
         assert all(0.0 <= h["kdrl/clip_frac"] <= 1.0 for h in logged)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert "lm_head.weight" in changed and len(changed) > len(before) // 2
+
+
+def test_correctness_reward_gives_a_truncated_completion_no_fallback_credit():
+    from kdrl.trl_integration import correctness_reward
+    texts, answers = ["so the answer is 5", "\\boxed{5}. Let me check"], ["5", "5"]
+    assert correctness_reward(texts, answers, truncated=[True, True]) == [0.0, 1.0]  # only the closed box counts
+    assert correctness_reward(texts, answers, truncated=[False, False]) == [1.0, 1.0]
+    assert correctness_reward(texts, answers) == [1.0, 1.0]  # a plain GRPOTrainer passes no flags: finished

@@ -15,7 +15,9 @@ from kdrl.grading import grade  # noqa: E402
 
 def _scorer(task: str):
     def process_results(doc: dict, results: list[str]) -> dict:
-        return {"exact_match": float(grade(results[0], gold_answer(task, doc)))}
+        # lm-eval hands over the text only, not whether generation hit max_gen_toks: counted as finished (an
+        # unclosed box still earns nothing; evals/run.py, which knows, applies the full truncation rule).
+        return {"exact_match": float(grade(results[0], gold_answer(task, doc), truncated=False))}
     process_results.__name__ = f"process_{task}"
     return process_results
 
