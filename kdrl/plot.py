@@ -41,6 +41,14 @@ STYLES = [dict(linestyle="-", marker="o", markersize=8, linewidth=3.0, alpha=0.6
           dict(linestyle="--", marker="v", markersize=3, linewidth=1.0)]
 
 
+def _with_kd_term(record: dict) -> dict:
+    """Logs written before ``kd_term`` / ``kd_raw`` existed: a positive ``kd_loss`` is kd's or kdrl's raw KD term,
+    which enters the loss times ``beta``; otherwise (grpo, trrd, kdrl_shaping) nothing can be derived."""
+    if "kd_term" in record or not record.get("kd_loss") or record.get("beta") is None:
+        return record
+    return {**record, "kd_raw": record["kd_loss"], "kd_term": record["beta"] * record["kd_loss"]}
+
+
 def _points(steps, records, key):
     return [(s, r[key]) for s, r in zip(steps, records) if isinstance(r.get(key), (int, float))]
 
@@ -58,6 +66,7 @@ def plot(records: list[dict], out: str | Path, title: str = "") -> dict[str, lis
 
     if not records:
         raise ValueError("no records to plot")
+    records = [_with_kd_term(r) for r in records]
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(3, 3, figsize=(16, 11))
     for ax, panel in zip(axes.flat, PANELS):
@@ -89,10 +98,15 @@ def plot(records: list[dict], out: str | Path, title: str = "") -> dict[str, lis
                 continue
         if name.startswith(("reward", "fractions")):
             ax.set_ylim(-0.05, 1.05)
+            legend = dict(loc="best")
+        else:  # head room above the curves for the legend, in at most three rows
+            lo, hi = ax.get_ylim()
+            ax.set_ylim(lo, hi + 0.4 * (hi - lo))
+            legend = dict(loc="upper center", ncol=2 if drawn > 3 else 1)
         if drawn:
-            ax.legend(fontsize=8, loc="best")
+            ax.legend(fontsize=8, **legend)
         else:
-            ax.text(0.5, 0.5, "not logged by this objective", ha="center", va="center", transform=ax.transAxes,
+            ax.text(0.5, 0.5, "not in this log", ha="center", va="center", transform=ax.transAxes,
                     color="gray")
     fig.suptitle(title)
     fig.tight_layout()
