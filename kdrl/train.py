@@ -256,7 +256,7 @@ class Trainer:
         lc = self.loss_fn.config
         say(f"config ok: {describe_objective(lc)}; {cfg.rollout.prompts_per_step} prompts x "
             f"{cfg.rollout.group_size} samples x <= {cfg.rollout.max_new_tokens} tokens per step, "
-            f"{cfg.run.steps} steps")
+            f"{cfg.run.steps} step{'' if cfg.run.steps == 1 else 's'}")
         for line in self.output_lines():
             say(line)
         ckpt = latest_checkpoint(self.output_dir) if cfg.run.resume else None
