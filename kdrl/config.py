@@ -78,12 +78,16 @@ class RunConfig:
     """Length of the run, outputs, checkpoints and evaluation."""
     steps: int = opt(10, "number of rollout steps to run")
     seed: int = opt(0, "seed for data order, sampling and initialisation of LoRA adapters")
-    output_dir: str = opt("runs/kdrl", "where metrics.jsonl, checkpoints and TensorBoard logs go")
-    save_every: int = opt(1, "write a checkpoint every N steps (and at the end); 0 = only at the end")
-    keep_checkpoints: int = opt(1, "how many most recent checkpoints to keep on disk")
+    output_dir: str = opt("runs/kdrl", "where metrics.jsonl, samples.jsonl, checkpoints/, curves.png, final/ and "
+                                       "TensorBoard logs go (all listed at start)")
+    save_every: int = opt(1, "write a checkpoint every N steps (and at the end); 0 = only at the end. Each holds "
+                             "the trainable weights + AdamW state, ~12 bytes per trainable parameter")
+    keep_checkpoints: int = opt(2, "how many most recent checkpoints to keep on disk (>= 1; older ones are deleted)")
     resume: bool = opt(True, "continue from the latest checkpoint in output_dir if there is one")
     tensorboard: bool = opt(False, "also write TensorBoard scalars (needs the tensorboard package)")
-    progress: bool = opt(True, "show a tqdm progress bar")
+    progress: bool = opt(True, "print progress on stdout: start-up phases, the files written, one line per step "
+                               "(false: quiet; the JSONL files are written either way)")
+    plot: bool = opt(True, "at the end, write <output_dir>/curves.png with kdrl.plot (needs matplotlib)")
     eval_every: int = opt(0, "evaluate every N steps (0 = never): greedy accuracy on eval_task")
     eval_task: str = opt("gsm8k", "benchmark for periodic evaluation (kdrl.data.load_task name)")
     eval_limit: int = opt(50, "problems per periodic evaluation")
@@ -218,6 +222,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.model.dtype in ("bfloat16", "float32"), f"model.dtype must be bfloat16 or float32, got {cfg.model.dtype}"),
         (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0, got {cfg.model.lora_rank}"),
         (cfg.run.steps >= 0, f"run.steps must be >= 0, got {cfg.run.steps}"),
+        (cfg.run.save_every >= 0, f"run.save_every must be >= 0 (0 = only at the end), got {cfg.run.save_every}"),
+        (cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}"),
         (isinstance(cfg.loss, dict) and "objective" in cfg.loss, "loss must be a mapping with an 'objective'"),
     ]
     for ok, message in checks:

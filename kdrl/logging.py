@@ -1,47 +1,127 @@
-"""Per-step metrics: one JSON line per step in ``metrics.jsonl``, optional TensorBoard, a tqdm progress bar.
+"""What a run writes and prints: ``metrics.jsonl`` (one JSON line per step), ``samples.jsonl`` (every sampled
+response), optional TensorBoard, and one human-readable line per step on stdout.
 
-On resume the JSONL file is cut back to the checkpointed step, so a step that was logged but not checkpointed
+On resume both JSONL files are cut back to the checkpointed step, so a step that was logged but not checkpointed
 before an interruption is logged once, by its rerun, not twice.
 """
 from __future__ import annotations
 
 import json
+import sys
+import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
-__all__ = ["MetricsLogger", "read_metrics"]
-
-# What the progress bar shows (when present in the step's metrics).
-_BAR_KEYS = {"reward_mean": "r", "accuracy": "acc", "len_mean": "len", "k2": "k2", "loss": "loss",
-             "time_step": "s/step"}
+__all__ = ["MetricsLogger", "SampleLog", "Progress", "read_metrics", "read_jsonl", "cut_jsonl", "step_line",
+           "time_split"]
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a ``metrics.jsonl`` file, in order."""
+def read_jsonl(path: str | Path) -> list[dict]:
+    """All records of a JSONL file, in order ([] when it does not exist)."""
     path = Path(path)
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+read_metrics = read_jsonl  # the metrics log is a JSONL file like any other
+
+
+def cut_jsonl(path: str | Path, last_step: int) -> None:
+    """Drop the records of ``path`` whose ``step`` is after ``last_step`` (creates an empty file if missing)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
+class Progress:
+    """Timestamped progress messages on stdout (``[kdrl.train +12.3s] loading the student ...``), flushed at once.
+
+    ``enabled=False`` silences them (metrics and samples are still written).
+    """
+
+    def __init__(self, enabled: bool = True, start: float | None = None, stream=None):
+        self.enabled = enabled
+        self.start = time.perf_counter() if start is None else start
+        self.stream = stream
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[kdrl.train +{time.perf_counter() - self.start:.1f}s] {message}",
+                  file=self.stream or sys.stdout, flush=True)
+
+
+# The time_* metrics grouped into the split shown on each step's line.
+TIME_SPLIT = {
+    "rollout": ("time_generation", "time_grading"),
+    "teacher": ("time_teacher",),
+    "update": ("time_old_logprobs", "time_student_fwd_bwd", "time_optimizer"),
+    "other": ("time_weight_sync", "time_eval", "time_checkpoint"),
+}
+
+
+def time_split(metrics: dict) -> dict[str, float]:
+    """Seconds of the step per group of :data:`TIME_SPLIT` plus ``total`` (their sum: the step's wall time)."""
+    split = {name: sum(float(metrics.get(k) or 0.0) for k in keys) for name, keys in TIME_SPLIT.items()}
+    split["total"] = sum(split.values())
+    return split
+
+
+def _g(x) -> str:
+    """A short number: 0.25, 160, 2.1e-03."""
+    if x is None:
+        return "-"
+    x = float(x)
+    if x == 0 or 1e-2 <= abs(x) < 1e4:
+        return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+    return f"{x:.1e}"
+
+
+def _f(x, digits: int) -> str:
+    return "-" if x is None else f"{float(x):.{digits}f}"
+
+
+def step_line(step: int, total_steps: int, metrics: dict) -> str:
+    """The one line a step prints, e.g.
+
+    ``step 3/10  reward 0.250  acc 0.250  len 87.5  beta*kd 1.3e-03 (kd 0.65)  clip 0.000  beta 2.0e-03
+    | 12.1 s/step: rollout 7.2, teacher 1.3, update 3.4, other 0.2``: ``beta*kd`` is the KD term as it enters the
+    loss (``kd_term``; for kdrl_shaping, the mean penalty subtracted from the advantage), ``kd`` the raw estimate
+    (``kd_raw``). Objectives without a KD term show ``beta*kd -`` (trrd adds the k2 to the teacher for information).
+    The seconds are the step's wall time, rollout / teacher / update / other as grouped in :data:`TIME_SPLIT`.
+    """
+    m = metrics
+    parts = [f"step {step}/{total_steps}", f"reward {_f(m.get('reward_mean'), 3)}", f"acc {_f(m.get('accuracy'), 3)}",
+             f"len {_f(m.get('len_mean'), 1)}"]
+    if m.get("kd_term") is not None:
+        parts.append(f"beta*kd {_g(m['kd_term'])} (kd {_g(m.get('kd_raw'))})")
+    elif m.get("k2") is not None:
+        parts.append(f"beta*kd - (k2 to teacher {_g(m['k2'])})")
+    else:
+        parts.append("beta*kd -")
+    parts += [f"clip {_f(m.get('clip_frac'), 3)}", f"beta {_g(m.get('beta'))}"]
+    split = time_split(m)
+    timing = (f"| {split['total']:.1f} s/step: rollout {split['rollout']:.1f}, teacher {split['teacher']:.1f}, "
+              f"update {split['update']:.1f}, other {split['other']:.1f}")
+    return "  ".join(parts) + "  " + timing
+
+
 class MetricsLogger:
-    """Write step metrics to ``<output_dir>/metrics.jsonl`` (+ TensorBoard) and drive a progress bar.
+    """Write step metrics to ``<output_dir>/metrics.jsonl`` (+ TensorBoard) and print one line per step.
 
     Args:
         output_dir: run directory.
-        total_steps: the run's last step (for the bar).
+        total_steps: the run's last step (shown on each line).
         start_step: steps already done (resume); records of later steps are dropped from the JSONL file.
         tensorboard: also write scalars with ``torch.utils.tensorboard`` (needs the ``tensorboard`` package).
-        progress: show the tqdm bar.
+        progress: print :func:`step_line` on stdout after each step.
     """
 
     def __init__(self, output_dir: str | Path, total_steps: int, start_step: int = 0,
                  tensorboard: bool = False, progress: bool = True):
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        cut_jsonl(self.path, start_step)
+        self.total_steps, self.progress = total_steps, progress
         self.writer = None
         if tensorboard:
             try:
@@ -50,10 +130,10 @@ class MetricsLogger:
                 raise RuntimeError("run.tensorboard=true needs the tensorboard package "
                                    "(pip install tensorboard)") from err
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not progress, desc="train", unit="step")
 
-    def log(self, step: int, metrics: dict) -> None:
-        """Record one finished step; ``metrics`` maps names to floats (non-numbers go to the JSONL file only)."""
+    def log(self, step: int, metrics: dict, suffix: str = "") -> None:
+        """Record one finished step; ``metrics`` maps names to floats (non-numbers go to the JSONL file only).
+        ``suffix`` is appended to the printed line (e.g. where the checkpoint went)."""
         record = {"step": step, **metrics}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -62,11 +142,25 @@ class MetricsLogger:
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
-        self.bar.set_postfix({short: f"{metrics[k]:.4g}" for k, short in _BAR_KEYS.items()
-                              if isinstance(metrics.get(k), (int, float))})
-        self.bar.update(1)
+        if self.progress:
+            print(step_line(step, self.total_steps, metrics) + suffix, flush=True)
 
     def close(self) -> None:
-        self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+class SampleLog:
+    """``<output_dir>/samples.jsonl``: one record per sampled response (step, prompt, response, reward, ...).
+
+    ``start_step``: steps already done (resume); records of later steps are dropped, so a step rerun after an
+    interruption appears once.
+    """
+
+    def __init__(self, output_dir: str | Path, start_step: int = 0):
+        self.path = Path(output_dir) / "samples.jsonl"
+        cut_jsonl(self.path, start_step)
+
+    def write(self, records: list[dict]) -> None:
+        with self.path.open("a") as f:
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

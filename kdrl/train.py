@@ -8,21 +8,27 @@ reward-guided masks) and TRRD differ only in the ``loss`` section of the config.
 """
 from __future__ import annotations
 
+import sys
+import time
+
+_T0 = time.perf_counter()
+if __name__ == "__main__" and not {"-h", "--help", "--describe"} & set(sys.argv[1:]):
+    # The imports below take seconds (torch, transformers): say so before they start.
+    print("[kdrl.train +0.0s] starting: importing torch and kdrl_kernels ...", flush=True)
+
 import argparse
 import dataclasses
 import json
 import math
-import sys
 import resource
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from kdrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdrl.checkpoint import checkpoint_bytes, latest_checkpoint, load_checkpoint, save_checkpoint
 from kdrl.config import TrainConfig, describe, load_config, loss_config, validate
-from kdrl.logging import MetricsLogger
+from kdrl.logging import MetricsLogger, Progress, SampleLog
 from kdrl.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
 from kdrl_kernels import KDRLLoss
 
@@ -138,7 +144,7 @@ def kd_groups_whole(batch: RolloutBatch) -> RolloutBatch:
 
 # Config keys that may change between a run and its resume: run length, logging and evaluation, not the training.
 RESUME_FREE_KEYS = {"run.steps", "run.resume", "run.progress", "run.threads", "run.tensorboard", "run.save_every",
-                    "run.keep_checkpoints", "run.eval_every", "run.eval_task", "run.eval_limit",
+                    "run.keep_checkpoints", "run.plot", "run.eval_every", "run.eval_task", "run.eval_limit",
                     "run.eval_max_new_tokens", "run.export_final", "run.output_dir", "rollout.vllm_kwargs",
                     "rollout.backend", "rollout.grader_timeout"}
 
@@ -174,6 +180,44 @@ def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
             if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k)}
 
 
+def describe_objective(lc) -> str:
+    """One phrase for the start-up line: what the loss is, with the KD term written as it enters."""
+    kd = "exact reverse KL" if lc.kl_estimator == "exact" else lc.kl_estimator
+    return {"grpo": "grpo (no KD term)",
+            "kd": f"kd (loss = {kd} to the teacher)",
+            "kdrl": f"kdrl (loss = GRPO + beta * {kd}, beta {lc.beta:g}"
+                    + (f" {lc.beta_schedule}" if lc.beta_schedule != "constant" else "") + ")",
+            "kdrl_shaping": f"kdrl_shaping (advantage - beta * (log p - log p_teacher), beta {lc.beta:g})",
+            "trrd": f"trrd (ratio against pi_old^{lc.trrd_alpha:g} * pi_teacher^{1 - lc.trrd_alpha:g})",
+            }.get(lc.objective, lc.objective)
+
+
+def kd_signal(objective: str, metrics: dict) -> dict:
+    """``kd_term`` (the KD term as it enters the loss: beta * kd) and ``kd_raw`` (kd) of a step's metrics.
+
+    kd / kdrl: ``kd_loss`` is the aggregated, masked estimate before the coefficient, ``beta`` the coefficient
+    applied (1 for kd). kdrl_shaping has no KD loss: the advantage of each token is lowered by
+    ``beta * (log p - log p_teacher)``, whose mean is ``beta * k1``. grpo / trrd: nothing.
+    """
+    beta = metrics.get("beta")
+    if objective in ("kd", "kdrl") and metrics.get("kd_loss") is not None and beta is not None:
+        return {"kd_raw": metrics["kd_loss"], "kd_term": beta * metrics["kd_loss"]}
+    if objective == "kdrl_shaping" and metrics.get("k1") is not None and beta is not None:
+        return {"kd_raw": metrics["k1"], "kd_term": beta * metrics["k1"]}
+    return {}
+
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def _millions(params) -> str:
+    return f"{sum(p.numel() for p in params) / 1e6:.1f}M"
+
+
 def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop later names of tensors that share storage (tied embeddings / lm_head): safetensors refuses aliases,
     and loaders of tied models take the embedding alone."""
@@ -200,36 +244,55 @@ def _merge(sums: dict, metrics: dict, scale: float) -> None:
 class Trainer:
     """Holds the models, optimizer, generator and data position of one run. :meth:`run` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, allow_config_change: bool = False):
+    def __init__(self, cfg: TrainConfig, allow_config_change: bool = False, started: float | None = None):
         from kdrl.data import load_task
         from kdrl.models import load_model_and_tokenizer, resolve_model
 
         validate(cfg)  # every configuration error before any model is loaded
         self.cfg = cfg
+        self.say = say = Progress(cfg.run.progress, start=started)
         self.output_dir = Path(cfg.run.output_dir)
+        self.loss_fn = KDRLLoss(loss_config(cfg))
+        lc = self.loss_fn.config
+        say(f"config ok: {describe_objective(lc)}; {cfg.rollout.prompts_per_step} prompts x "
+            f"{cfg.rollout.group_size} samples x <= {cfg.rollout.max_new_tokens} tokens per step, "
+            f"{cfg.run.steps} step{'' if cfg.run.steps == 1 else 's'}")
+        for line in self.output_lines():
+            say(line)
         ckpt = latest_checkpoint(self.output_dir) if cfg.run.resume else None
         if ckpt is not None:
             self._check_resume(ckpt, allow_config_change)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
-        self.loss_fn = KDRLLoss(loss_config(cfg))
-        lc = self.loss_fn.config
         if lc.objective == "grpo" and cfg.model.teacher:
             print(f"kdrl.train: loss.objective=grpo has no KD term: model.teacher={cfg.model.teacher!r} is not "
                   "loaded", file=sys.stderr)
         dtype = getattr(torch, cfg.model.dtype)
+        say(f"loading the student {cfg.model.student} ({cfg.model.dtype}) ...")
+        t0 = time.perf_counter()
         self.student_path = resolve_model(cfg.model.student)
         self.model, self.tokenizer = load_model_and_tokenizer(self.student_path, dtype=dtype)
+        say(f"student loaded from {self.student_path}: {_millions(self.model.parameters())} parameters "
+            f"({time.perf_counter() - t0:.1f}s)")
         self.teacher = None
         if lc.needs_teacher:
+            say(f"loading the teacher {cfg.model.teacher} ({cfg.model.dtype}) ...")
+            t0 = time.perf_counter()
             self.teacher, teacher_tok = load_model_and_tokenizer(resolve_model(cfg.model.teacher), dtype=dtype)
             self.teacher.requires_grad_(False).eval()
             if teacher_tok.get_vocab() != self.tokenizer.get_vocab():
                 raise ValueError("model.teacher must share the student's tokenizer (the KD terms compare "
                                  "log-probs of the same token ids)")
+            say(f"teacher loaded: {_millions(self.teacher.parameters())} parameters "
+                f"({time.perf_counter() - t0:.1f}s)")
         self._setup_trainable(cfg)
+        n_train = sum(p.numel() for p in self.master.params.values())
+        n_bytes = sum(p.numel() * p.element_size() for p in self.master.params.values())
+        say(f"training {'LoRA adapters' if cfg.model.lora_rank else 'all weights'}: {n_train / 1e6:.2f}M "
+            f"parameters; a checkpoint is ~{_size(3 * n_bytes)} (weights + AdamW's two moments)")
         self.problems = load_task(cfg.data.task, limit=cfg.data.limit)
+        say(f"{len(self.problems)} problems from {cfg.data.task}")
         self.sampler = PromptSampler(self.problems, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         self.step = 0
         if ckpt is not None:
@@ -237,12 +300,37 @@ class Trainer:
             self.master.publish()
             self.sampler.load_state_dict(state["sampler"])
             self.step = state["step"]
+            say(f"resumed from {ckpt} at step {self.step}")
+        say(f"starting the {cfg.rollout.backend} generator ...")
+        t0 = time.perf_counter()
         self.generator = self._make_generator()
+        say(f"generator ready ({time.perf_counter() - t0:.1f}s)")
+        self._first_step = True
+
+    def output_lines(self) -> list[str]:
+        """Where everything this run writes goes, one line each (printed at start)."""
+        run, out = self.cfg.run, self.output_dir
+        every = f"every {run.save_every} steps and at the end" if run.save_every else "at the end"
+        lines = [f"run directory {out}/",
+                 f"  per-step metrics   {out / 'metrics.jsonl'}",
+                 f"  sampled responses  {out / 'samples.jsonl'}",
+                 f"  checkpoints        {out / 'checkpoints'}/step_NNNNNN ({every}; the newest "
+                 f"{run.keep_checkpoints} kept)"]
+        if run.plot:
+            lines.append(f"  curves (at end)    {out / 'curves.png'}")
+        lines.append(f"  plot any time      python -m kdrl.plot {out / 'metrics.jsonl'}")
+        if run.export_final:
+            lines.append(f"  final model        {out / 'final'}/ (at the end"
+                         + (", LoRA merged)" if self.cfg.model.lora_rank else ")"))
+        if run.tensorboard:
+            lines.append(f"  TensorBoard        {out / 'tensorboard'}/")
+        return lines
 
     def _check_resume(self, ckpt: Path, allow_config_change: bool) -> None:
         """Say what is resumed; refuse a changed training config unless ``allow_config_change`` (then log it)."""
         state = json.loads((ckpt / "state.json").read_text())
-        print(f"kdrl.train: resuming from {ckpt} (step {state['step']})", file=sys.stderr)
+        print(f"kdrl.train: resuming from {ckpt} (step {state['step']}); records of later steps in metrics.jsonl "
+              "and samples.jsonl are dropped", file=sys.stderr)
         changes = config_changes(state.get("config") or {}, self.cfg.to_dict())
         if not changes:
             return
@@ -250,7 +338,8 @@ class Trainer:
         if not allow_config_change:
             raise ValueError(f"resuming {ckpt} with a changed config ({listing}): use another run.output_dir, "
                              "set run.resume=false, or pass --allow-config-change to continue with the new values")
-        print(f"kdrl.train: config changed on resume at step {state['step']}: {listing}", file=sys.stderr)
+        print(f"kdrl.train: config changed on resume at step {state['step']}: {listing} (recorded in "
+              f"{self.output_dir / 'config_changes.jsonl'})", file=sys.stderr)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with (self.output_dir / "config_changes.jsonl").open("a") as f:
             f.write(json.dumps({"step": state["step"], "checkpoint": str(ckpt),
@@ -318,6 +407,9 @@ class Trainer:
         r = self.cfg.rollout
         problems = self.sampler.next(r.prompts_per_step)
         texts = self.prompts(problems)
+        if self._first_step:
+            self.say(f"step {self.step + 1}: sampling {len(texts)} prompts x {r.group_size} responses (<= "
+                     f"{r.max_new_tokens} tokens) ...")
         sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                   n=r.group_size, seed=self.cfg.run.seed * 100_003 + self.step)
         with timer("generation"):
@@ -329,10 +421,17 @@ class Trainer:
                             truncated=cut, timeout=r.grader_timeout)
         G = r.group_size
         prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return build_batch(prompt_ids, [[c.token_ids for c in g] for g in groups],
-                           [ok[i * G:(i + 1) * G] for i in range(len(groups))],
-                           [cut[i * G:(i + 1) * G] for i in range(len(groups))],
-                           pad_id=self._pad_id(), scale_advantages=r.scale_advantages)
+        batch = build_batch(prompt_ids, [[c.token_ids for c in g] for g in groups],
+                            [ok[i * G:(i + 1) * G] for i in range(len(groups))],
+                            [cut[i * G:(i + 1) * G] for i in range(len(groups))],
+                            pad_id=self._pad_id(), scale_advantages=r.scale_advantages)
+        lengths = batch.mask.sum(-1).tolist()
+        self.samples = [{"step": self.step + 1, "group": i, "prompt": p.question, "gold": p.answer,
+                         "response": c.text, "reward": float(batch.rewards[i * G + j]),
+                         "length": int(lengths[i * G + j]), "advantage": float(batch.advantages[i * G + j]),
+                         "truncated": c.finish_reason == "length"}
+                        for i, (p, g) in enumerate(zip(problems, groups)) for j, c in enumerate(g)]
+        return batch
 
     def _pad_id(self) -> int:
         tok = self.tokenizer
@@ -388,6 +487,11 @@ class Trainer:
         lc = self.loss_fn.config
         if lc.kd_mask == "group_all_wrong":  # decided on the whole rollout batch, before any split
             batch = kd_groups_whole(batch)
+        first, say = self._first_step, self.say
+        if first:
+            say(f"step {self.step + 1}: {len(batch)} responses sampled and graded "
+                f"({timer.get('generation', 0):.1f}s + {timer.get('grading', 0):.1f}s)"
+                + (", teacher forward ..." if self.teacher is not None else ""))
         with timer("teacher"):
             teacher = self.teacher_signal(batch)
         old = None
@@ -396,6 +500,8 @@ class Trainer:
             with timer("old_logprobs"):
                 old = self.old_logprobs(batch)
         size = len(batch) // n_updates
+        if first:
+            say(f"step {self.step + 1}: student forward/backward and update ...")
         sums: dict[str, float] = {}
         for u in range(n_updates):
             mini = batch.rows(u * size, (u + 1) * size)
@@ -415,6 +521,8 @@ class Trainer:
         self.step += 1
         if lc.objective in ("grpo", "trrd", "kd"):  # the KD coefficient applied, not the configured beta:
             sums["beta"] = 1.0 if lc.objective == "kd" else 0.0  # kd weighs its KL by 1, grpo/trrd have none
+        sums.update(kd_signal(lc.objective, sums))
+        self._first_step = False
         metrics = {**rollout_stats, **sums, "lr": self.optimizer.param_groups[0]["lr"]}
         metrics.update({f"time_{k}": v for k, v in timer.items()})
         metrics["time_step"] = time.perf_counter() - t_start
@@ -456,27 +564,50 @@ class Trainer:
 
     def run(self) -> list[dict]:
         """Train from the current step to ``run.steps``; returns the metrics of the steps run here."""
-        run = self.cfg.run
+        run, say = self.cfg.run, self.say
         logger = MetricsLogger(self.output_dir, run.steps, self.step, run.tensorboard, run.progress)
+        samples = SampleLog(self.output_dir, self.step)
         history = []
         try:
             while self.step < run.steps:
                 metrics = self.train_step()
+                samples.write(self.samples)  # before the checkpoint: a resume from an older one cuts them back
                 if run.eval_every and self.step % run.eval_every == 0:
                     t0 = time.perf_counter()
                     metrics.update(self.evaluate())
                     metrics["time_eval"] = time.perf_counter() - t0
+                suffix = (f"  | eval acc {metrics['eval_accuracy']:.3f} len {metrics['eval_len_mean']:.1f}"
+                          if "eval_accuracy" in metrics else "")
                 if (run.save_every and self.step % run.save_every == 0) or self.step == run.steps:
                     t0 = time.perf_counter()
-                    self.save()
+                    path = self.save()
                     metrics["time_checkpoint"] = time.perf_counter() - t0
-                logger.log(self.step, metrics)
+                    size = checkpoint_bytes(path)
+                    metrics["checkpoint_mb"] = size / 1e6
+                    suffix += f"  | saved {path.name} ({_size(size)})"
+                logger.log(self.step, metrics, suffix)
                 history.append(metrics)
         finally:
             logger.close()
         if run.export_final and self.step == run.steps:
+            say(f"exporting the student to {self.output_dir / 'final'} ...")
             self.export(self.output_dir / "final")
+        if run.plot and history:
+            self._plot(logger.path)
         return history
+
+    def _plot(self, metrics_path: Path) -> None:
+        """``curves.png`` beside the metrics; a missing matplotlib is reported, not fatal (the run is done)."""
+        from kdrl.logging import read_metrics
+        from kdrl.plot import plot
+        out = self.output_dir / "curves.png"
+        try:
+            plot(read_metrics(metrics_path), out, title=str(self.output_dir))
+        except ImportError as err:
+            print(f"kdrl.train: no curves.png ({err}); install matplotlib and run python -m kdrl.plot "
+                  f"{metrics_path}", file=sys.stderr)
+            return
+        self.say(f"curves written to {out}")
 
     def export(self, path: Path) -> Path:
         """Save the student as a plain transformers model directory (LoRA merged) with its tokenizer."""
@@ -500,7 +631,9 @@ def main(argv: list[str] | None = None) -> None:
         print(describe())
         return
     cfg = load_config(args.config, args.set)
-    Trainer(cfg, allow_config_change=args.allow_config_change).run()
+    trainer = Trainer(cfg, allow_config_change=args.allow_config_change, started=_T0)
+    trainer.run()
+    trainer.say(f"done: step {trainer.step}/{cfg.run.steps}; outputs in {trainer.output_dir}/")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def _optimizer_with_state():
 
 def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path):
     params, opt = _optimizer_with_state()
-    save_checkpoint(tmp_path, 3, params, opt, {"sampler": {"epoch": 1, "index": 5}})
+    save_checkpoint(tmp_path, 3, params, opt, {"sampler": {"epoch": 1, "index": 5}}, keep=1)
     expected_next = torch.rand(4)
     fresh, fresh_opt = _optimizer_with_state()
     state = load_checkpoint(latest_checkpoint(tmp_path), fresh, fresh_opt)

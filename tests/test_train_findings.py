@@ -22,7 +22,7 @@ def settings(pair, out, steps=1, teacher=None):
             "data.limit=16", "rollout.backend=hf", "rollout.prompts_per_step=2", "rollout.group_size=4",
             "rollout.max_new_tokens=6", "optim.lr=1e-3", "optim.micro_batch_size=4", f"run.steps={steps}",
             f"run.output_dir={out}", "run.progress=false", "run.threads=1", "run.export_final=false",
-            "loss.objective=kdrl", "loss.beta=0.5"]
+            "run.plot=false", "loss.objective=kdrl", "loss.beta=0.5"]
 
 
 # ---- 1. one temperature for student, teacher and old log-probs -----------------------------------------------
