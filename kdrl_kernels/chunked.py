@@ -23,16 +23,21 @@ from .heads import Head
 __all__ = ["logprobs_forward", "logprobs_backward", "kl_forward", "kl_backward", "default_chunk_size",
            "Workspace", "log_softmax_", "normalise_", "rowdot"]
 
-# Budget for all chunk-sized fp32 buffers of one call: one buffer of a 152k vocabulary is then ~420 rows, deep
-# enough for the dW update (a V x d read-modify-write per chunk) to stay compute-bound. Measured on the Qwen
-# KDRL step (N = 2048, 2 threads): 263 rows took 1.11x the time of 526 rows, 421 rows 1.03x.
-_WORKSPACE_BYTES = 256 * 2**20
+# Budget for all chunk-sized buffers of one call. Large problems: a fixed budget (memory flat in N), deep enough
+# that the per-chunk read-modify-write of the (V, d) fp32 weight gradient stays a small part of the step (measured on
+# the Qwen KDRL step, N = 2048, 2 threads: 263 rows took 1.11x the time of 526 rows, 421 rows 1.03x). Small
+# problems: at least _MIN_CHUNKS chunks (of >= _MIN_ROWS rows), so the workspace stays a fraction of the (N, V)
+# logits that a naive loss holds.
+_WORKSPACE_BYTES = 384 * 2**20
+_MIN_CHUNKS, _MIN_ROWS = 4, 64
 
 
 def default_chunk_size(vocab: int, n_rows: int, n_buffers: int = 2) -> int:
-    """Rows per chunk so that ``n_buffers`` fp32 ``(rows, vocab)`` buffers fit the workspace budget (16..4096)."""
-    rows = max(16, min(4096, _WORKSPACE_BYTES // (4 * n_buffers * max(vocab, 1))))
-    return max(1, min(rows, n_rows))
+    """Rows per chunk: ``n_buffers`` fp32 ``(rows, vocab)`` buffers within the budget, and at least
+    ``_MIN_CHUNKS`` chunks when that leaves ``_MIN_ROWS`` rows each (16..4096 rows)."""
+    rows = _WORKSPACE_BYTES // (4 * n_buffers * max(vocab, 1))
+    rows = min(rows, max(_MIN_ROWS, -(-n_rows // _MIN_CHUNKS)))
+    return max(1, min(max(16, min(4096, rows)), n_rows))
 
 
 class Workspace:

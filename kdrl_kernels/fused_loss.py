@@ -76,6 +76,39 @@ def _objective_grads(params, idx, s, t, kl):
     return value.detach(), g_s, g_kl
 
 
+def _chunk_step(ws, idx, hidden, targets, head, teacher, teacher_head, params, stats, grads, needs):
+    """One chunk of rows ``idx``: statistics into ``stats``, gradients into ``grads``; returns the chunk's loss."""
+    keep_logp = params.need_exact_kl or params.need_entropy
+    tgt = targets[idx]
+    t, logq = (_teacher_chunk(ws, teacher, teacher_head, idx, tgt, params.need_exact_kl)
+               if teacher.present else (None, None))
+    h = hidden[idx]
+    logp = log_softmax_(head.logits(ws, h, ws.take("z", idx.numel()), tgt))
+    s = logp.gather(1, tgt[:, None]).squeeze(1)
+    p = torch.exp(logp, out=ws.take("p", idx.numel())) if keep_logp else logp.exp_()
+    kl = None
+    if params.need_exact_kl:
+        diff = logq.neg_().add_(logp)  # log p - log q, in the teacher's buffer
+        kl = rowdot(p, diff)
+        stats[2, idx] = kl
+    if params.need_entropy:
+        stats[3, idx] = -rowdot(p, logp)
+    value, g_s, g_kl = _objective_grads(params, idx, s, t, kl)
+    stats[0, idx] = s
+    if t is not None:
+        stats[1, idx] = t
+    # dL/dz = g_s * (onehot - p) [+ g_kl * p * (log p - log q - KL)], all over the temperature.
+    dz = torch.mul(p, -g_s[:, None], out=logp) if keep_logp else p.mul_(-g_s[:, None])
+    if g_kl is not None:
+        dz += diff.sub_(kl[:, None]).mul_(p).mul_(g_kl[:, None])
+    dz.scatter_add_(1, tgt[:, None], g_s[:, None])
+    if params.temperature != 1.0:
+        dz /= params.temperature
+    if any(needs):
+        head.backprop(ws, dz, h, idx, *grads)
+    return value
+
+
 class FusedPolicyLoss(torch.autograd.Function):
     """forward(hidden ``(N, d)``, weight ``(V, d)``, bias, targets ``(N,)``, teacher, params) -> (loss, stats).
 
@@ -100,34 +133,8 @@ class FusedPolicyLoss(torch.autograd.Function):
         ws = Workspace(chunk, weight.shape[0], hidden.device)
         for start in range(0, n, chunk):
             idx = torch.arange(start, min(start + chunk, n), device=hidden.device)
-            tgt = targets[idx]
-            t, logq = (_teacher_chunk(ws, teacher, teacher_head, idx, tgt, params.need_exact_kl)
-                       if teacher.present else (None, None))
-            h = hidden[idx]
-            logp = log_softmax_(head.logits(ws, h, ws.take("z", idx.numel()), tgt))
-            s = logp.gather(1, tgt[:, None]).squeeze(1)
-            p = torch.exp(logp, out=ws.take("p", idx.numel())) if keep_logp else logp.exp_()
-            kl = None
-            if params.need_exact_kl:
-                diff = logq.neg_().add_(logp)  # log p - log q, in the teacher's buffer
-                kl = rowdot(p, diff)
-                stats[2, idx] = kl
-            if params.need_entropy:
-                stats[3, idx] = -rowdot(p, logp)
-            value, g_s, g_kl = _objective_grads(params, idx, s, t, kl)
-            loss += value
-            stats[0, idx] = s
-            if t is not None:
-                stats[1, idx] = t
-            # dL/dz = g_s * (onehot - p) [+ g_kl * p * (log p - log q - KL)], all over the temperature.
-            dz = torch.mul(p, -g_s[:, None], out=logp) if keep_logp else p.mul_(-g_s[:, None])
-            if g_kl is not None:
-                dz += diff.sub_(kl[:, None]).mul_(p).mul_(g_kl[:, None])
-            dz.scatter_add_(1, tgt[:, None], g_s[:, None])
-            if params.temperature != 1.0:
-                dz /= params.temperature
-            if any(needs):
-                head.backprop(ws, dz, h, idx, *grads)
+            loss += _chunk_step(ws, idx, hidden, targets, head, teacher, teacher_head, params, stats, grads, needs)
+        del ws  # the workspace goes before the fp32 weight gradient is rounded: the two need not coexist
         grad_hidden, grad_weight, grad_bias = finish_grads(weight, bias, *grads)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(stats)
