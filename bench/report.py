@@ -134,8 +134,9 @@ def targets_text(targets) -> str:
 
 
 def plots(records, out_dir) -> list:
-    """Per (workload, dtype): time and extra memory against token count and against vocabulary size, one line per
-    provider. Returns the PNG paths written (none when matplotlib is missing)."""
+    """PNGs under ``<out_dir>/plots``: a summary of every case (time and memory as multiples of naive's), and for
+    each sweep (a workload, dtype and model measured at several N or V) time, extra memory with and without the
+    gradients against N or V, one line per provider. Returns the paths written (none when matplotlib is missing)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -144,40 +145,76 @@ def plots(records, out_dir) -> list:
         return []
     out = Path(out_dir) / "plots"
     out.mkdir(parents=True, exist_ok=True)
-    groups = defaultdict(list)
-    for r in records:
-        if r.get("speed_ok", True) and r.get("time_median_s"):
-            groups[(r["workload"], r["dtype"], r["device"])].append(r)
+    rows = [r for r in records if r.get("speed_ok", True) and r.get("time_median_s")]
     paths = []
-    for (wl, dtype, dev), rows in sorted(groups.items()):
-        fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-        for col, (axis_key, label) in enumerate((("n_tokens", "tokens N"), ("vocab", "vocabulary V"))):
-            other = "vocab" if axis_key == "n_tokens" else "n_tokens"
-            # Hold the other axis at its most common value so each line is a clean 1-D sweep.
-            counts = defaultdict(int)
-            for r in rows:
-                counts[(r["model"], r[other])] += 1
-            model, fixed = max(counts, key=counts.get)
-            for metric, row_i, ylab in (("time_median_s", 0, "median fwd+bwd time (s)"),
-                                        ("extra_peak_mb", 1, "extra peak memory (MB)")):
-                ax = axes[row_i][col]
-                for prov in sorted({r["provider"] for r in rows}):
-                    pts = sorted((r[axis_key], r[metric]) for r in rows
-                                 if r["provider"] == prov and r["model"] == model and r[other] == fixed
-                                 and r.get(metric) is not None)
-                    if pts:
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
-                if len({r[axis_key] for r in rows if r["model"] == model and r[other] == fixed}) > 1:
-                    ax.set_xscale("log", base=2)     # sweeps double N or V
-                ax.set_xlabel(label)
-                ax.set_ylabel(ylab)
-                ax.set_title(f"{model}, {other}={fixed}", fontsize=9)
-                ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
-        fig.suptitle(f"{wl} | {dtype} | {dev} | {rows[0].get('threads')} threads | {rows[0].get('run_id')}")
-        fig.tight_layout()
-        path = out / f"{wl}_{dtype}_{dev}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(str(path))
+    for dev in sorted({r["device"] for r in rows}):
+        paths.append(_summary_plot(plt, [r for r in rows if r["device"] == dev], out / f"summary_{dev}.png"))
+    for axis_key, other, label in (("n_tokens", "vocab", "tokens N"), ("vocab", "n_tokens", "vocabulary V")):
+        sweeps = defaultdict(list)
+        for r in rows:
+            sweeps[(r["workload"], r["dtype"], r["device"], r["model"], r[other])].append(r)
+        for (wl, dtype, dev, model, fixed), pts in sorted(sweeps.items()):
+            if len({r[axis_key] for r in pts}) < 3:
+                continue
+            name = f"sweep_{axis_key}_{wl}_{dtype}_{dev}_{model.split('/')[0]}.png"
+            title = f"{wl} | {model} | {other}={fixed} | {dtype} | {dev}"
+            paths.append(_sweep_plot(plt, pts, axis_key, label, title, out / name))
     return paths
+
+
+def _case_label(r) -> str:
+    return f"{r['workload']} {r['model'].split('/')[0]}\nN={r['n_tokens']} V={r['vocab']} {r['dtype'][:4]}"
+
+
+def _summary_plot(plt, rows, path) -> str:
+    cases = sorted({(r["workload"], r["model"], r["vocab"], r["n_tokens"], r["dtype"]) for r in rows})
+    provs = sorted({r["provider"] for r in rows}, key=lambda p: (p != "naive", p))
+    by = {(r["workload"], r["model"], r["vocab"], r["n_tokens"], r["dtype"], r["provider"]): r for r in rows}
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.9 * len(cases) + 2), 8))
+    width = 0.8 / max(len(provs), 1)
+    for ax, key, ylab in ((axes[0], "time_vs_naive", "time / naive"), (axes[1], "mem_vs_naive", "extra memory / naive")):
+        for j, prov in enumerate(provs):
+            xs, ys = [], []
+            for i, c in enumerate(cases):
+                r = by.get((*c, prov))
+                if r is not None and r.get(key) is not None:
+                    xs.append(i + (j - (len(provs) - 1) / 2) * width)
+                    ys.append(r[key])
+            bars = ax.bar(xs, ys, width, label=prov)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_ylabel(ylab)
+        ax.set_xticks(range(len(cases)))
+        labels = [_case_label(next(r for r in rows if (r["workload"], r["model"], r["vocab"], r["n_tokens"],
+                                                         r["dtype"]) == c)) for c in cases]
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, ncol=min(len(provs), 4))
+    r0 = rows[0]
+    axes[0].set_title(f"every case, as multiples of naive (lower is better) | {r0.get('cpu') or r0['device']} | "
+                      f"{r0.get('threads')} threads | run {r0.get('run_id')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)
+
+
+def _sweep_plot(plt, rows, axis_key, label, title, path) -> str:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    metrics = (("time_median_s", "median fwd+bwd time (s)"), ("extra_peak_mb", "extra peak memory (MB)"),
+               ("extra_peak_excl_grads_mb", "extra peak memory excl. dH + dW (MB)"))
+    for ax, (metric, ylab) in zip(axes, metrics):
+        for prov in sorted({r["provider"] for r in rows}):
+            pts = sorted((r[axis_key], r[metric]) for r in rows if r["provider"] == prov and r.get(metric) is not None)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        ax.set_xscale("log", base=2)  # sweeps double N or V
+        ax.set_xlabel(label)
+        ax.set_ylabel(ylab)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{title} | {rows[0].get('threads')} threads | run {rows[0].get('run_id')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)

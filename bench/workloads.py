@@ -152,7 +152,9 @@ def preset(name: str, device: str = "cpu") -> Preset:
     if name == "full":
         tokens = [4096, 16384, 32768] if gpu else [512, 1024, 2048, 4096]
         big = [4096, 16384] if gpu else [512, 1024]
+        # The KDRL step in bf16 also at N = 8192 on CPU: the memory sweep N = 512 .. 8192 (ours flat in N).
         cases = (_cases(WORKLOADS, [q, s], tokens, ["float32", "bfloat16"], device)
+                 + (() if gpu else _cases(["kdrl"], [q], [8192], ["bfloat16"], device))
                  + _cases(WORKLOADS, [ll], big, ["float32", "bfloat16"], device)
                  + _cases(["kdrl"], [q], [tokens[1]], ["bfloat16"], device, vocabs=(16384, 32768, 65536)))
         return Preset(name, cases, warmup=1, repeats=5)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .heads import Head
+from .heads import Head, add_bf16_
 
 __all__ = ["logprobs_forward", "logprobs_backward", "kl_forward", "kl_backward", "default_chunk_size",
            "Workspace", "log_softmax_", "normalise_", "rowdot"]
@@ -53,11 +53,11 @@ class Workspace:
             buf = self._buffers[name] = torch.empty(self.rows, self.vocab, dtype=dtype, device=self.device)
         return buf[:n_rows]
 
-    def take_dw(self, rows, width):
-        """A bf16 ``(rows, width)`` scratch for slabs of a bf16 weight gradient."""
-        buf = self._buffers.get("dw")
+    def scratch(self, name, shape, dtype):
+        """A small named buffer of ``shape`` (not vocabulary-sized), allocated once per call."""
+        buf = self._buffers.get(name)
         if buf is None:
-            buf = self._buffers["dw"] = torch.empty(rows, width, dtype=torch.bfloat16, device=self.device)
+            buf = self._buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
         return buf
 
 
@@ -143,10 +143,11 @@ class _Accumulator:
             torch.mm(a, b, out=self.value)
             self.started = True
 
-    def add_part(self, rows, part):
-        """``value[rows] += part`` (any dtype); call :meth:`end_chunk` once a chunk's parts are all in."""
+    def add_part(self, rows, part, staging):
+        """``value[rows] += part`` for a bf16 ``part`` (through the fp32 ``staging`` rows, see
+        :func:`~kdrl_kernels.heads.add_bf16_`); call :meth:`end_chunk` once a chunk's parts are all in."""
         if self.started:
-            self.value[rows] += part
+            add_bf16_(self.value[rows], part, staging)
         else:
             self.value[rows].copy_(part)
 

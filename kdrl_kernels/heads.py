@@ -15,9 +15,23 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["Head"]
+__all__ = ["Head", "add_bf16_"]
 
-_DW_SLAB = 8192  # vocabulary rows per bf16 dW product: a (slab, d) scratch instead of a second (V, d) one
+_DW_SLAB = 4096   # vocabulary rows per bf16 dW product: a (slab, d) scratch instead of a second (V, d) one
+_ADD_ROWS = 8     # rows per fp32 staging slab of add_bf16_
+
+
+def add_bf16_(dst, src, staging):
+    """``dst += src`` for fp32 ``dst`` and bf16 ``src`` ``(r, n)``, through an fp32 ``(k, n)`` staging buffer.
+
+    torch's mixed-dtype ``add_`` takes a slow path on CPU (measured 3x slower than a bf16 -> fp32 copy into a small
+    cache-resident buffer followed by an fp32 add).
+    """
+    k = staging.shape[0]
+    for r0 in range(0, dst.shape[0], k):
+        n = min(k, dst.shape[0] - r0)
+        dst[r0:r0 + n].add_(staging[:n].copy_(src[r0:r0 + n]))
+    return dst
 
 
 class Head:
@@ -45,7 +59,7 @@ class Head:
             hi = torch.mm(h, self.weight.T, out=ws.take("hi", n, torch.bfloat16))
             lo = torch.addmm(hi, h, self.weight.T, beta=-1, out=ws.take("lo", n, torch.bfloat16))
             out.copy_(hi)
-            out += lo
+            add_bf16_(out, lo, ws.scratch("stage_z", (_ADD_ROWS, out.shape[1]), torch.float32))
             if targets is not None:
                 exact = torch.einsum("cd,cd->c", h.float(), self.weight[targets].float())
                 out.scatter_(1, targets[:, None], exact[:, None])
@@ -71,10 +85,12 @@ class Head:
         if grad_hidden is not None:
             grad_hidden[idx] = (dzb @ self.weight).to(grad_hidden.dtype)
         if grad_weight32 is not None:
-            vocab = dz.shape[1]
-            scratch = ws.take_dw(min(_DW_SLAB, vocab), h.shape[1])
-            for v0 in range(0, vocab, _DW_SLAB):
-                rows = slice(v0, min(v0 + _DW_SLAB, vocab))
+            vocab, width = dz.shape[1], h.shape[1]
+            slab = min(_DW_SLAB, vocab)
+            scratch = ws.scratch("dw", (slab, width), torch.bfloat16)
+            staging = ws.scratch("stage_dw", (_DW_SLAB // 8, width), torch.float32)
+            for v0 in range(0, vocab, slab):
+                rows = slice(v0, min(v0 + slab, vocab))
                 part = torch.mm(dzb[:, rows].T, h, out=scratch[:rows.stop - v0])
-                grad_weight32.add_part(rows, part)
+                grad_weight32.add_part(rows, part, staging)
             grad_weight32.end_chunk()

@@ -123,12 +123,17 @@ def test_result_files_append_with_metadata(tmp_path):
 
 
 def test_table_and_plots(tmp_path):
-    recs = results.add_ratios([_record("naive", 2.0, 800.0, n=n) for n in (512, 1024)]
-                              + [_record("ours-chunked", 1.0, 80.0, n=n) for n in (512, 1024)])
+    ns = (512, 1024, 2048)
+    recs = results.add_ratios([_record("naive", 2.0 * n / 512, 800.0 * n / 512, n=n) for n in ns]
+                              + [dict(_record("ours-chunked", 1.0 * n / 512, 80.0, n=n), extra_peak_excl_grads_mb=40.0)
+                                 for n in ns])
     text = report.table(recs)
     assert "ours-chunked" in text and "0.100" in text and "0.50" in text
     paths = report.plots(recs, tmp_path)
-    assert paths and all(Path(p).stat().st_size > 1000 for p in paths)
+    names = sorted(Path(p).name for p in paths)
+    assert names == ["summary_cpu.png", "sweep_n_tokens_kdrl_bfloat16_cpu_qwen2.5-0.5b.png"]
+    assert all(Path(p).stat().st_size > 1000 for p in paths)
+    assert report.plots(recs[:2] + recs[3:5], tmp_path / "two") == [str(tmp_path / "two" / "plots" / "summary_cpu.png")]
 
 
 def test_gpu_report_text_without_rows():
@@ -163,7 +168,7 @@ def test_cli_smoke_last_line_is_json(tmp_path):
     assert provs["naive"]["loss"] == pytest.approx(provs["ours-chunked"]["loss"], rel=1e-4, abs=1e-5)
     assert "naive" in proc.stdout and "median ms" in proc.stdout
     assert len(results.load(tmp_path, doc["run_id"])) == 2
-    assert (tmp_path / "plots" / "grpo_float32_cpu.png").exists()
+    assert (tmp_path / "plots" / "summary_cpu.png").exists()
     # An interrupted run resumes: recorded cases are kept, only the missing one runs.
     resume = cmd[:4] + ["grpo", "rkl", "--providers", "naive", "--no-memory", "--no-plots", "--out", str(tmp_path),
                         "--resume", doc["run_id"]]
