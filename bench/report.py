@@ -163,7 +163,8 @@ def plots(records, out_dir) -> list:
 
 
 def _case_label(r) -> str:
-    return f"{r['workload']} {r['model'].split('/')[0]}\nN={r['n_tokens']} V={r['vocab']} {r['dtype'][:4]}"
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}.get(r["dtype"], r["dtype"])
+    return f"{r['workload']} {r['model'].split('/')[0]}\nN={r['n_tokens']} V={r['vocab']} {dtype}"
 
 
 def _summary_plot(plt, rows, path) -> str:
