@@ -18,7 +18,7 @@ def table(records) -> str:
     for r in records:
         by_case[(r["workload"], r["model"], r["vocab"], r["n_tokens"], r["dtype"], r["device"])].append(r)
     head = (f"{'provider':<20} {'median ms':>10} {'p20-p80 ms':>17} {'tok/s':>9} {'GFLOP/s':>8} "
-            f"{'peak MB':>9} {'-grads MB':>9} {'time/naive':>10} {'mem/naive':>9} {'loss':>10}")
+            f"{'peak MB':>9} {'-grads MB':>9} {'time/naive':>10} {'mem/naive':>9} {'loss':>10} {'loss err':>9}")
     lines = []
     for (wl, model, vocab, n, dtype, dev), rows in by_case.items():
         r0 = rows[0]
@@ -35,7 +35,10 @@ def table(records) -> str:
                 f"{_fmt(r.get('gflops_useful') if speed else None, '.1f'):>8} "
                 f"{_fmt(r.get('extra_peak_mb'), '.0f'):>9} {_fmt(r.get('extra_peak_excl_grads_mb'), '.0f'):>9} "
                 f"{_fmt(r.get('time_vs_naive') if speed else None, '.2f'):>10} "
-                f"{_fmt(r.get('mem_vs_naive'), '.3f'):>9} {_fmt(r.get('loss'), '.5g'):>10}")
+                f"{_fmt(r.get('mem_vs_naive'), '.3f'):>9} {_fmt(r.get('loss'), '.5g'):>10} "
+                f"{_fmt(r.get('loss_err'), '.1e'):>9}")
+    lines.append("\nloss err: |loss - the same loss in float64 on the same inputs| (cases up to 3e7 logits; the first "
+                 "step's loss)")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ FIELDS = [
     "run_id", "timestamp", "preset", "workload", "model", "d", "d_t", "vocab", "n_tokens", "seq_len", "dtype",
     "device", "provider", "speed_ok", "flop_model", "repeats", "time_median_s", "time_p20_s", "time_p80_s",
     "tokens_per_s", "gflops_useful", "gflops_executed", "extra_peak_mb", "extra_peak_excl_grads_mb",
-    "time_vs_naive", "mem_vs_naive", "loss", "note", "mem_method", "threads", "machine", "cpu", "git_sha",
+    "time_vs_naive", "mem_vs_naive", "loss", "loss_err", "note", "mem_method", "threads", "machine", "cpu", "git_sha",
     "torch", "triton", "liger_kernel", "python", "kdrl_kernels",
 ]
 

@@ -28,11 +28,12 @@ if str(REPO) not in sys.path:          # `python bench/run.py` puts bench/ on th
 
 import torch  # noqa: E402
 
-from bench import gpu_report, isolated, memory, providers, report, results, timing, workloads  # noqa: E402
+from bench import gpu_report, isolated, memory, naive, providers, report, results, timing, workloads  # noqa: E402
 
 SUMMARY_KEYS = ("workload", "model", "vocab", "n_tokens", "dtype", "device", "provider", "speed_ok", "flop_model",
                 "time_median_s", "time_p20_s", "time_p80_s", "tokens_per_s", "gflops_useful", "gflops_executed",
-                "extra_peak_mb", "extra_peak_excl_grads_mb", "time_vs_naive", "mem_vs_naive", "loss", "note")
+                "extra_peak_mb", "extra_peak_excl_grads_mb", "time_vs_naive", "mem_vs_naive", "loss", "loss_err",
+                "note")
 
 
 def parse_args(argv=None):
@@ -138,6 +139,19 @@ def _time_providers(ready, case, args, ctx, progress):
     return ok + others, notes, losses, raw, inp
 
 
+# Cases up to this many logits get a float64 reference loss (an (N, V) float64 tensor per model: 200 MB at SmolLM2
+# N = 512; the Qwen target point would need 2.5 GB and seconds, so it gets none).
+REFERENCE_MAX_LOGITS = 3 * 10**7
+
+
+def _reference_loss(case, inp, progress):
+    """The case's loss in float64 on the same inputs (None on GPU or above REFERENCE_MAX_LOGITS)."""
+    if case.device != "cpu" or case.n_tokens * case.vocab > REFERENCE_MAX_LOGITS:
+        return None
+    progress("float64 reference loss")
+    return naive.reference_loss(inp if inp is not None else workloads.make_inputs(case), case.workload)
+
+
 def run_case(case, provs, args, ctx, progress):
     """Time and measure every available provider on ``case``; returns its records."""
     ready, notes = [], {}
@@ -168,6 +182,7 @@ def run_case(case, provs, args, ctx, progress):
                 mems[p.name] = (extra, extra - workloads.grad_bytes(case))
             except Exception as err:
                 notes[p.name] = f"memory probe failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    ref = _reference_loss(case, inp, progress)
     recs = []
     for p in ready:
         summ = dict(timing.summarize(raw[p.name]["times"]), loss=raw[p.name]["loss"]) if p.speed_ok else None
@@ -176,6 +191,7 @@ def run_case(case, provs, args, ctx, progress):
                                   ctx["mem_method"], loss=first_losses[p.name])
         untimed = f"interpreter: one untimed step, loss {first_losses[p.name]:.6g}"
         rec["note"] = notes.pop(p.name, None) or (None if p.speed_ok else untimed)
+        rec["loss_err"] = None if ref is None else abs(first_losses[p.name] - ref)
         recs.append(rec)
     for name, note in notes.items():
         recs.append(dict(case.as_dict(), provider=name, note=note, run_id=ctx["run_id"], preset=ctx["preset"],
