@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["Head", "add_bf16_"]
 
-_DW_SLAB = 2048   # vocabulary rows per bf16 dW product: a (slab, d) scratch instead of a second (V, d) one
+_DW_SLAB = 8192   # vocabulary rows per bf16 dW product: a (slab, d) scratch instead of a second (V, d) one
 _ADD_ROWS = 8     # rows per fp32 staging slab of add_bf16_
 
 
