@@ -213,6 +213,7 @@ def _sweep_plot(plt, rows, axis_key, label, title, path) -> str:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
         ax.set_xscale("log", base=2)  # sweeps double N or V
+        ax.set_ylim(bottom=0)          # from zero: a flat line must look flat
         ax.set_xlabel(label)
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3)
