@@ -17,8 +17,8 @@ transformers>=5.5.3,<5.11
 tensordict>=0.8,<=0.10,!=0.9.0
 ray>=2.41
 PINS
-# verl imports these at module level on the paths we use; they are not all in its own requirement list.
-"${pip[@]}" install -q -c "$constraints" "verl==0.9.1" hydra-core torchdata "pytest>=8" pytest-timeout
+# verl's own requirements bring ray, tensordict, hydra-core and torchdata; pytest runs tests/test_verl_integration.py
+"${pip[@]}" install -q -c "$constraints" "verl==0.9.1" "pytest>=8" pytest-timeout
 "${pip[@]}" install -q -c "$constraints" --no-deps -e .
 "$venv/bin/python" - <<'PY'
 import torch, transformers, verl
