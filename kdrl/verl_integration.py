@@ -207,8 +207,12 @@ def kdrl_distillation_loss(config, distillation_config, model_output, data):
     cfg = get_config()
     if cfg.kl_estimator == "exact":
         raise ValueError("kl_estimator='exact' needs the teacher's hidden states; verl provides its log-probs only")
-    s, t, mask = _inputs(distillation_config, model_output, data, KDRL_LOSS)
     loss_cfg = distillation_config.distillation_loss
+    expected = "kdrl" if loss_cfg.use_task_rewards else "kd"
+    if cfg.objective != expected:
+        raise ValueError(f"loss_mode={KDRL_LOSS} with use_task_rewards={loss_cfg.use_task_rewards} is "
+                         f"KDRLConfig(objective={expected!r}), got objective={cfg.objective!r}")
+    s, t, mask = _inputs(distillation_config, model_output, data, KDRL_LOSS)
     step = _step(data)
     if cfg.beta_schedule != "constant" and step is None:
         raise ValueError(f"beta_schedule={cfg.beta_schedule!r} needs the batch's global_steps; none was found")
@@ -232,6 +236,8 @@ def kdrl_distillation_loss(config, distillation_config, model_output, data):
 def trrd_distillation_loss(config, distillation_config, model_output, data):
     """verl ``DistillationLossFn`` for ``loss_mode=kdrl_trrd``: TRRD's clipped surrogate per token ``(B, R)``."""
     cfg = get_config()
+    if cfg.objective != "trrd":
+        raise ValueError(f"loss_mode={TRRD_LOSS} is KDRLConfig(objective='trrd'), got objective={cfg.objective!r}")
     s, t, mask = _inputs(distillation_config, model_output, data, TRRD_LOSS)
     if distillation_config.distillation_loss.use_task_rewards:
         raise ValueError(f"loss_mode={TRRD_LOSS} replaces verl's policy loss: set "

@@ -299,7 +299,11 @@ def test_refusals(kdrl_config):
     kdrl_config(objective="trrd")
     with pytest.raises(ValueError, match="use_task_rewards=False"):
         _verl_loss(td, hidden, weight, actor, _distillation_config(vi.TRRD_LOSS, use_task_rewards=True))
+    with pytest.raises(ValueError, match="objective='trrd'"):  # the config must say which loss it is
+        _verl_loss(td, hidden, weight, actor, _distillation_config(vi.KDRL_LOSS, use_task_rewards=True))
     kdrl_config()
+    with pytest.raises(ValueError, match="objective='trrd'"):
+        _verl_loss(td, hidden, weight, actor, _distillation_config(vi.TRRD_LOSS, use_task_rewards=False))
     loss = DistillationLossConfig(loss_mode=vi.KDRL_LOSS, use_policy_gradient=True, loss_max_clamp=None)
     with pytest.raises(ValueError, match="use_policy_gradient=False"):
         _verl_loss(td, hidden, weight, actor, DistillationConfig(enabled=False, distillation_loss=loss))
