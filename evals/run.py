@@ -146,8 +146,9 @@ def _banner(run_name: str, args, backend: str, source: str, tasks: list[str], to
     else:
         span = fmt_duration(proj[0]) if round(proj[0]) == round(proj[1]) else \
             f"{fmt_duration(proj[0])} - {fmt_duration(proj[1])}"
-        lines.append(f"  time     projected {span} of generation ({todo} samples at {rate[0]:g}-{rate[1]:g} tok/s "
-                     f"measured on a 2-core CPU), plus model load; the ETA updates after every chunk")
+        speed = f"{rate[0]:g}" if rate[0] == rate[1] else f"{rate[0]:g}-{rate[1]:g}"
+        lines.append(f"  time     projected {span} of generation ({todo} samples at {speed} tok/s as measured on a "
+                     f"2-core CPU), plus model load; the ETA updates after every chunk")
     text = "\n".join(lines)
     if fell_back:
         bar = "!" * 100
