@@ -21,11 +21,12 @@ Settings this path does not implement are refused when the trainer is built, not
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 from trl import DistillationTrainer
 
 from kdrl_kernels import fused_linear_kl, fused_linear_logprobs
 
-__all__ = ["KDRLDistillationTrainer", "divergence_kind"]
+__all__ = ["KDRLDistillationTrainer", "hidden_state_divergence", "divergence_kind"]
 
 # Config attributes with which a model changes its logits after the lm_head matmul (read by TRL 1.16's loss).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -46,6 +47,50 @@ def divergence_kind(beta: float) -> str:
 def _head(model):
     head = model.get_output_embeddings()
     return head.weight, getattr(head, "bias", None)
+
+
+def hidden_state_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, *, beta,
+                            temperature=1.0, num_items_in_batch=None, completion_ids=None, student_bias=None,
+                            teacher_bias=None, backend="auto", chunk_size=None):
+    """TRL's distillation loss from hidden states: ``(loss, student entropy summed over the loss tokens, their count)``.
+
+    student_hidden ``(B, T, d)`` (or ``(N, d)``), teacher_hidden ``(B, T, d_t)``, the lm_head weights ``(V, d)`` and
+    ``(V, d_t)``, mask ``(B, T)`` bool (the loss tokens). The per-token divergence TRL's ``beta`` selects
+    (:func:`divergence_kind`) at ``temperature`` is summed over the mask and divided by ``num_items_in_batch``, or by
+    the mask's count when that is None. The entropy is of the student's tempered distribution, no gradient;
+    ``completion_ids`` (any ids in ``[0, V)`` where the mask is set) only feed the op computing it.
+    """
+    if isinstance(student_weight, DTensor) or isinstance(teacher_weight, DTensor):
+        raise ValueError("KDRLDistillationTrainer needs unsharded lm_head weights (got a DTensor)")
+    device = student_weight.device
+    student_hidden, teacher_hidden, mask = student_hidden.to(device), teacher_hidden.to(device), mask.to(device)
+    # Under autocast TRL computes both projections in the autocast dtype (fp32 softmax); so do we, explicitly.
+    if torch.is_autocast_enabled(device.type):
+        s_dtype = t_dtype = torch.get_autocast_dtype(device.type)
+    else:
+        s_dtype, t_dtype = student_hidden.dtype, teacher_hidden.dtype
+    if completion_ids is None:
+        completion_ids = torch.zeros(mask.shape, dtype=torch.long, device=device)
+    with torch.autocast(device.type, enabled=False):
+        s_h, s_w = student_hidden.to(s_dtype), student_weight.to(s_dtype)
+        t_h, t_w = teacher_hidden.to(t_dtype), teacher_weight.to(t_dtype)
+        per_token = fused_linear_kl(s_h, s_w, t_h, t_w, kind=divergence_kind(beta), beta=beta,
+                                    temperature=temperature, mask=mask, backend=backend, student_bias=student_bias,
+                                    teacher_bias=teacher_bias, chunk_size=chunk_size)
+        with torch.no_grad():  # the entropy TRL logs (no gradient)
+            targets = completion_ids.to(device).masked_fill(~mask, -100)
+            _, entropy = fused_linear_logprobs(s_h.detach(), s_w.detach(), targets,
+                                               bias=None if student_bias is None else student_bias.detach(),
+                                               temperature=temperature, backend=backend, return_entropy=True,
+                                               chunk_size=chunk_size)
+    n_valid = mask.sum()
+    if num_items_in_batch is None:
+        loss = per_token.sum() / n_valid.clamp(min=1)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(device)
+        loss = per_token.sum() / num_items_in_batch
+    return loss, entropy.sum().detach(), n_valid
 
 
 class KDRLDistillationTrainer(DistillationTrainer):
@@ -106,35 +151,8 @@ class KDRLDistillationTrainer(DistillationTrainer):
                                                        attention_mask, width)
         s_weight, s_bias = _head(unwrapped_student)
         t_weight, t_bias = _head(unwrapped_teacher)
-        if isinstance(s_weight, torch.distributed.tensor.DTensor) or isinstance(t_weight,
-                                                                                 torch.distributed.tensor.DTensor):
-            raise ValueError("KDRLDistillationTrainer needs unsharded lm_head weights (got a DTensor)")
-        device = s_weight.device
-        student_hidden, teacher_hidden, mask = student_hidden.to(device), teacher_hidden.to(device), mask.to(device)
-
-        # Under autocast TRL computes both projections in the autocast dtype (fp32 softmax); so do we, explicitly.
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-            s_dtype = t_dtype = dtype
-        else:
-            s_dtype, t_dtype = student_hidden.dtype, teacher_hidden.dtype
-        with torch.autocast(device.type, enabled=False):
-            s_h, s_w = student_hidden.to(s_dtype), s_weight.to(s_dtype)
-            t_h, t_w = teacher_hidden.to(t_dtype), t_weight.to(t_dtype)
-            per_token = fused_linear_kl(s_h, s_w, t_h, t_w, kind=self.kdrl_kind, beta=self.beta,
-                                        temperature=self.temperature, mask=mask, backend=self.kdrl_backend,
-                                        student_bias=s_bias, teacher_bias=t_bias, chunk_size=self.kdrl_chunk_size)
-            with torch.no_grad():  # the entropy TRL logs (no gradient)
-                targets = inputs["completion_ids"].to(device).masked_fill(~mask, -100)
-                _, entropy = fused_linear_logprobs(s_h.detach(), s_w.detach(), targets,
-                                                   bias=None if s_bias is None else s_bias.detach(),
-                                                   temperature=self.temperature, backend=self.kdrl_backend,
-                                                   return_entropy=True, chunk_size=self.kdrl_chunk_size)
-        n_valid = mask.sum()
-        if num_items_in_batch is None:
-            loss = per_token.sum() / n_valid.clamp(min=1)
-        else:
-            if isinstance(num_items_in_batch, torch.Tensor):
-                num_items_in_batch = num_items_in_batch.to(device)
-            loss = per_token.sum() / num_items_in_batch
-        return loss, entropy.sum().detach(), n_valid
+        return hidden_state_divergence(student_hidden, s_weight, teacher_hidden, t_weight, mask, beta=self.beta,
+                                       temperature=self.temperature, num_items_in_batch=num_items_in_batch,
+                                       completion_ids=inputs["completion_ids"], student_bias=s_bias,
+                                       teacher_bias=t_bias, backend=self.kdrl_backend,
+                                       chunk_size=self.kdrl_chunk_size)
