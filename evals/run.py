@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -203,6 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
             "generator": generator.info(), **provenance()}
 
     def on_chunk(task, samples, tokens, seconds):
+        _raise_stop()  # a stop request an exception handler swallowed during the last chunk
         progress.update(samples, tokens)
         print(f"{run_name}: {progress.line()}", file=sys.stderr, flush=True)
         partial = _partial_scores(store, ids)
@@ -243,19 +245,41 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-class _Terminated(Exception):
-    pass
+class _Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt (a BaseException, so ``except Exception`` in a library cannot eat it)."""
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+# The signal that asked the run to stop. A handler's exception can still land inside a library's bare ``except:``
+# (the partial leaderboard's plotting runs after every chunk), so the next chunk boundary raises it again.
+_STOP = {"signal": None}
+
+
+def _on_signal(signum, frame):
+    _STOP["signal"] = signum
+    _raise_stop()
+
+
+def _quiet_unraisable(unraisable, _default=sys.unraisablehook):
+    """A stop raised inside a destructor is "ignored" by Python (with a traceback): keep it quiet, since the next
+    chunk boundary raises it again."""
+    if not isinstance(unraisable.exc_value, (KeyboardInterrupt, _Terminated)):
+        _default(unraisable)
+
+
+def _raise_stop():
+    if _STOP["signal"] == signal.SIGTERM:
+        raise _Terminated()
+    if _STOP["signal"] is not None:
+        raise KeyboardInterrupt()
 
 
 def cli(argv: list[str] | None = None) -> int:
     """main() with clean interruption: Ctrl-C exits 130 and SIGTERM 143, without a traceback; the finished chunks are
     already in the per-sample JSONL, so rerunning the same command resumes."""
-    import signal
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    sys.unraisablehook = _quiet_unraisable
+    signal.signal(signal.SIGTERM, _on_signal)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores Ctrl-C
+        signal.signal(signal.SIGINT, _on_signal)
     try:
         main(argv)
     except (KeyboardInterrupt, _Terminated) as e:

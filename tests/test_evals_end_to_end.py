@@ -135,7 +135,7 @@ def test_interrupt_exits_cleanly_and_keeps_samples(tiny_model, tmp_path, sig, co
     import time
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(REPO / "evals" / "run.py"), "--model", str(tiny_model), "--backend",
-                             "hf", "--tasks", "gsm8k", "--limit", "200", "--max-new-tokens", "4", "--chunk-size", "2",
+                             "hf", "--tasks", "gsm8k", "--limit", "1000", "--max-new-tokens", "4", "--chunk-size", "2",
                              "--output-dir", str(out), "--run-name", "int", "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     samples = out / "int" / "samples" / "gsm8k.jsonl"
@@ -146,7 +146,7 @@ def test_interrupt_exits_cleanly_and_keeps_samples(tiny_model, tmp_path, sig, co
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it was interrupted"
     partial = json.loads((out / "int" / "results.json").read_text())
-    assert partial["status"] == "partial" and partial["progress"]["total_samples"] == 200
+    assert partial["status"] == "partial" and partial["progress"]["total_samples"] == 1000
     assert partial["tasks"]["gsm8k"]["n_problems"] == partial["progress"]["done_samples"] >= 2
     assert "PARTIAL" in board.read_text()
     proc.send_signal(sig)
