@@ -1,7 +1,7 @@
 """A KD + RL testbed that learns in minutes on a CPU: ``python -m kdrl.testbed``.
 
-Task: add three two-digit numbers, writing the first partial sum before the answer, e.g. ``37+85+12=`` ->
-``122;134`` then end-of-sequence. Reward 1 when the text after the last ``;`` equals the true sum (exact match),
+Task: add four one-digit numbers, writing every partial sum, e.g. ``7+5+9+3=`` -> ``12;21;24`` then
+end-of-sequence (three chained additions, nine tokens). Reward 1 when the text after the last ``;`` equals the true sum (exact match),
 else 0. A digit-level tokenizer (16 symbols) and tiny Llama models built from a config are trained here:
 a teacher pre-trained by supervised learning to be good but imperfect, and a smaller student stopped early.
 
@@ -36,7 +36,7 @@ from kdrl.rollout import PromptSampler, build_batch, rollout_metrics
 from kdrl.train import backward_microbatches, hidden_states, kd_groups_whole
 from kdrl_kernels import KDRLConfig, KDRLLoss
 
-__all__ = ["Problem", "TestbedConfig", "METHODS", "make_problems", "build_model", "pretrain_pair", "sample",
+__all__ = ["Problem", "TestbedConfig", "quick_config", "METHODS", "make_problems", "build_model", "pretrain_pair", "sample",
            "evaluate", "rl_run", "run_table", "main"]
 
 # ---- task and tokenizer ---------------------------------------------------------------------------------------
@@ -44,6 +44,7 @@ SYMBOLS = ["<pad>", "<bos>", "<eos>"] + list("0123456789+=;")
 PAD, BOS, EOS = 0, 1, 2
 STOI = {s: i for i, s in enumerate(SYMBOLS)}
 VOCAB = len(SYMBOLS)
+TERMS = 4
 
 
 def encode(text: str) -> list[int]:
@@ -88,10 +89,12 @@ def correct(problem: Problem, response: list[int]) -> bool:
 
 
 def make_problems(n: int, seed: int, exclude: set | None = None) -> list[Problem]:
-    """``n`` distinct problems (three terms in 10..99), none of them in ``exclude``."""
+    """``n`` distinct problems (four terms in 0..9), none of them in ``exclude``."""
     rng, seen, out = random.Random(seed), set(exclude or ()), []
+    if n + len(seen) > 10 ** TERMS:
+        raise ValueError(f"only {10 ** TERMS} problems exist")
     while len(out) < n:
-        p = Problem(tuple(rng.randint(10, 99) for _ in range(3)))
+        p = Problem(tuple(rng.randint(0, 9) for _ in range(TERMS)))
         if p not in seen:
             seen.add(p)
             out.append(p)
@@ -99,7 +102,7 @@ def make_problems(n: int, seed: int, exclude: set | None = None) -> list[Problem
 
 
 # ---- models --------------------------------------------------------------------------------------------------
-MAX_NEW = 10  # "198;297" is 7 characters + EOS: 10 leaves room for a wrong, longer answer
+MAX_NEW = 12  # "12;21;24" is 8 characters + EOS: 12 leaves room for a wrong, longer answer
 
 
 def build_model(hidden: int, layers: int, seed: int):
@@ -125,7 +128,7 @@ def sft_batch(problems: list[Problem]):
     return ids, labels
 
 
-def sft(model, problems: list[Problem], steps: int, *, batch: int = 128, lr: float = 3e-3, seed: int = 0,
+def sft(model, problems: list[Problem], steps: int, *, batch: int = 64, lr: float = 3e-3, seed: int = 0,
         say=print, name: str = "model"):
     """Supervised pre-training on correct solutions (cosine learning rate). Returns the model."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -200,18 +203,19 @@ def evaluate(model, problems: list[Problem], batch: int = 512) -> dict:
 @dataclass
 class TestbedConfig:
     """Everything that decides the numbers; its hash names the cached checkpoints."""
-    teacher_hidden: int = 128
-    teacher_layers: int = 3
-    teacher_sft_steps: int = 1500
+    teacher_hidden: int = 64
+    teacher_layers: int = 2
+    teacher_sft_steps: int = 450
     student_hidden: int = 64
     student_layers: int = 2
-    student_sft_steps: int = 300
+    student_sft_steps: int = 150
     sft_lr: float = 3e-3
-    train_problems: int = 20000
+    sft_batch: int = 64
+    train_problems: int = 9000
     heldout_problems: int = 500
     data_seed: int = 1234
     # RL
-    steps: int = 60
+    steps: int = 40
     prompts_per_step: int = 16
     group_size: int = 8
     lr: float = 1e-3
@@ -222,9 +226,14 @@ class TestbedConfig:
 
     def pair_key(self) -> str:
         keys = ("teacher_hidden", "teacher_layers", "teacher_sft_steps", "student_hidden", "student_layers",
-                "student_sft_steps", "sft_lr", "train_problems", "heldout_problems", "data_seed")
+                "student_sft_steps", "sft_lr", "sft_batch", "train_problems", "heldout_problems", "data_seed")
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def quick_config() -> TestbedConfig:
+    """The test suite's version: the same pair, a smaller held-out set, one seed, fewer steps."""
+    return TestbedConfig(heldout_problems=300, steps=30, eval_every=30, seeds=(0,))
 
 
 def datasets(cfg: TestbedConfig) -> tuple[list[Problem], list[Problem]]:
@@ -249,8 +258,10 @@ def pretrain_pair(cfg: TestbedConfig, out: Path, say=print):
     say(f"pre-training the teacher ({cfg.teacher_layers} layers, d={cfg.teacher_hidden}, "
         f"{cfg.teacher_sft_steps} SFT steps) and the student ({cfg.student_layers} layers, d={cfg.student_hidden}, "
         f"{cfg.student_sft_steps} steps); cached in {path}/ for the next run")
-    sft(teacher, train, cfg.teacher_sft_steps, lr=cfg.sft_lr, seed=cfg.data_seed, say=say, name="teacher")
-    sft(student, train, cfg.student_sft_steps, lr=cfg.sft_lr, seed=cfg.data_seed + 7, say=say, name="student")
+    sft(teacher, train, cfg.teacher_sft_steps, batch=cfg.sft_batch, lr=cfg.sft_lr, seed=cfg.data_seed, say=say,
+        name="teacher")
+    sft(student, train, cfg.student_sft_steps, batch=cfg.sft_batch, lr=cfg.sft_lr, seed=cfg.data_seed + 7, say=say,
+        name="student")
     info = {"teacher": evaluate(teacher, heldout), "student": evaluate(student, heldout),
             "teacher_params": sum(p.numel() for p in teacher.parameters()),
             "student_params": sum(p.numel() for p in student.parameters())}
@@ -448,30 +459,74 @@ def run_table(cfg: TestbedConfig, out: Path, say=print) -> tuple[list[dict], dic
     return runs, summarise(runs), info
 
 
-def write_docs(runs, summary, info, cfg: TestbedConfig, docs: Path, wall: float, command: str, say=print):
+PAPERS = ("KDRL paper (AIME/MATH averages): GRPO 54.6 < KD-RKL 56.1 < KDRL 56.8 < KDRL-annealing 57.2; "
+          "RLAD paper: GRPO 51.2 < KDRL 55.1 < TRRD 57.8")
+
+
+def write_docs(runs, summary, info, cfg: TestbedConfig, docs: Path, wall: float, cpu: float, command: str,
+               note: str = "", say=print) -> Path:
+    """``docs/testbed.png`` (curves) and ``docs/testbed.md`` (setup, table, orderings), regenerated each run."""
     docs.mkdir(parents=True, exist_ok=True)
     png = docs / "testbed.png"
     plot(runs, summary, info, png)
-    body = (f"<!-- written by `{command}` -->\n\n"
-            f"Setup: {cfg.steps} RL steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples, "
-            f"lr {cfg.lr}, seeds {list(cfg.seeds)}; teacher {info['teacher_params']:,} parameters, student "
-            f"{info['student_params']:,}; held-out set {cfg.heldout_problems} problems, greedy. "
-            f"Wall time of this table: {wall / 60:.1f} min.\n\n"
-            f"{markdown_table(summary, info)}\n\n"
-            f"Measured ordering (final held-out accuracy): {ordering(summary)}.\n")
-    (docs / "testbed_table.md").write_text(body)
-    say(f"wrote {png} and {docs / 'testbed_table.md'}")
-    return body
+    betas = method_configs(cfg.steps)
+    text = f"""# KD + RL testbed: GRPO, KD, KDRL and TRRD in minutes on a CPU
+
+<!-- generated by `{command}`; rerun it to refresh this page and testbed.png -->
+
+`python -m kdrl.testbed --docs docs` pre-trains a teacher and a student on a small reasoning task, then trains the
+same student with every method, {len(cfg.seeds)} seeds each, through the trainer's own code: batched sampling ->
+exact-match reward -> `kdrl.rollout.build_batch` (group-normalised advantages) -> teacher hidden states ->
+`kdrl.train.backward_microbatches` (`kdrl_kernels.KDRLLoss`) -> AdamW. Checkpoints of the pre-trained pair are cached
+in `results/testbed/pair-<hash>/`, every finished run is appended to `results/testbed/runs.jsonl`.
+
+**Task.** Add four one-digit numbers and write every partial sum: `7+5+9+3=` -> `12;21;24<eos>`. Reward 1 if the
+response ends with end-of-sequence and its last field is the sum, else 0. 16-symbol digit tokenizer,
+{cfg.train_problems} training problems, {cfg.heldout_problems} held-out problems (disjoint), greedy evaluation.
+
+**Models** (transformers `LlamaConfig`, built here, no download). Teacher: {cfg.teacher_layers} layers,
+d={cfg.teacher_hidden}, {info['teacher_params']:,} parameters, {cfg.teacher_sft_steps} SFT steps. Student:
+{cfg.student_layers} layers, d={cfg.student_hidden}, {info['student_params']:,} parameters, {cfg.student_sft_steps}
+SFT steps.
+
+**RL.** {cfg.steps} steps x {cfg.prompts_per_step} prompts x {cfg.group_size} samples (temperature 1, fully
+on-policy: one update per rollout), AdamW lr {cfg.lr}, gradient clip 1, token-mean aggregation, clip 0.2 (TRRD
+0.2 / 0.28, alpha 0.5). The papers' beta (2e-3; annealed 5e-3 -> 1e-3) is tuned for long math answers where it
+still moves the policy; here every beta is scaled by {BETA_SCALE:g}: KDRL constant beta {betas['kdrl']['beta']:g},
+annealed max({betas['kdrl_anneal']['beta']:g} - {betas['kdrl_anneal']['beta_decay']:.4g} k, {betas['kdrl_anneal']['beta_min']:g})
+(the floor at 2/3 of the run), shaping beta {betas['kdrl_shaping']['beta']:g}. KD uses beta 1. KL columns: per-token
+means on the rollouts of the last fifth of each run, as `KDRLLoss` logs them (`exact_kl` is the full-vocabulary
+reverse KL(student || teacher); k1/k2/k3 are its sample estimates on the sampled tokens).
+
+![accuracy vs steps, vs samples, exact KL](testbed.png)
+
+{markdown_table(summary, info)}
+
+Accuracy: held-out greedy accuracy after the last step, mean ± standard error over seeds {list(cfg.seeds)}.
+Response length: tokens including end-of-sequence, greedy, on the held-out set.
+
+**Measured ordering** (final held-out accuracy): {ordering(summary)}.
+
+**Papers' ordering**: {PAPERS}.
+
+**Time.** This table took {wall / 60:.1f} min wall clock, {cpu / 60:.1f} min of CPU time (one torch thread).
+{note}
+"""
+    md = docs / "testbed.md"
+    md.write_text(text)
+    say(f"wrote {png} and {md}")
+    return md
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kdrl.testbed", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="results/testbed", help="checkpoints of the pair and runs.jsonl")
-    parser.add_argument("--docs", default=None, help="also write testbed.png and testbed_table.md here (docs)")
+    parser.add_argument("--docs", default=None, help="also write testbed.png and testbed.md into this folder")
+    parser.add_argument("--note", default="", help="a sentence for testbed.md's timing paragraph (machine load)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for these tiny models)")
     args = parser.parse_args(argv)
     say = (lambda msg: print(f"[kdrl.testbed +{time.perf_counter() - _T0:.1f}s] {msg}", flush=True))
     if args.threads:
@@ -487,20 +542,20 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     say(f"writing to {out}/ (runs.jsonl, cached pre-trained pair)"
-        + (f" and {args.docs}/testbed.png, {args.docs}/testbed_table.md" if args.docs else ""))
-    start = time.perf_counter()
+        + (f" and {args.docs}/testbed.png, {args.docs}/testbed.md" if args.docs else ""))
+    start, cpu0 = time.perf_counter(), time.process_time()
     try:
         runs, summary, info = run_table(cfg, out, say)
     except KeyboardInterrupt:
         say(f"interrupted: finished runs are in {out}/runs.jsonl; the cached pair (if written) is kept")
         return 130
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
     print(markdown_table(summary, info))
     say(f"ordering: {ordering(summary)}")
     if args.docs:
-        write_docs(runs, summary, info, cfg, Path(args.docs), wall, "python -m kdrl.testbed " + " ".join(
-            argv if argv is not None else sys.argv[1:]), say)
-    say(f"done in {wall / 60:.1f} min; runs in {out}/runs.jsonl")
+        write_docs(runs, summary, info, cfg, Path(args.docs), wall, cpu, "python -m kdrl.testbed " + " ".join(
+            argv if argv is not None else sys.argv[1:]), args.note, say)
+    say(f"done in {wall / 60:.1f} min ({cpu / 60:.1f} min CPU); runs in {out}/runs.jsonl")
     return 0
 
 
