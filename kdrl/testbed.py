@@ -14,12 +14,14 @@ AdamW step. Held-out greedy accuracy is measured every few steps. Results go to 
 """
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
 _T0 = time.perf_counter()
 if __name__ == "__main__":
     print("[kdrl.testbed +0.0s] starting: importing torch and transformers ...", flush=True)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # Ctrl-C during the imports: no traceback
 
 import argparse
 import dataclasses
@@ -230,6 +232,12 @@ class TestbedConfig:
         blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
+    def run_key(self) -> str:
+        """Hash of everything a single RL run depends on (not the list of seeds and methods)."""
+        blob = json.dumps({k: v for k, v in dataclasses.asdict(self).items() if k not in ("seeds", "methods")},
+                          sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
 
 def quick_config() -> TestbedConfig:
     """The test suite's version: the same pair, a smaller held-out set, one seed, fewer steps."""
@@ -313,7 +321,7 @@ def rl_run(method: str, seed: int, student_state: dict, teacher, cfg: TestbedCon
     G = cfg.group_size
     curve = [{"step": 0, "samples": 0, **evaluate(model, heldout)}]
     train_log = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for step in range(cfg.steps):
         problems = sampler.next(cfg.prompts_per_step)
         prompts = [p.prompt_ids() for p in problems for _ in range(G)]
@@ -345,7 +353,7 @@ def rl_run(method: str, seed: int, student_state: dict, teacher, cfg: TestbedCon
     return {"method": method, "seed": seed, "curve": curve, "train": train_log,
             "final": curve[-1]["accuracy"], "length": curve[-1]["length"],
             "kl": {k: mean(k) for k in ("k1", "k2", "k3", "exact_kl")},
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
 # ---- the table --------------------------------------------------------------------------------------------------
@@ -361,7 +369,8 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
         out[method] = {"n": len(rs), "final": stat([r["final"] for r in rs]),
                        "start": rs[0]["curve"][0]["accuracy"], "length": stat([r["length"] for r in rs]),
                        **{k: stat([r["kl"][k] for r in rs]) for k in ("k1", "k2", "k3", "exact_kl")},
-                       "seconds": sum(r["seconds"] for r in rs) / len(rs)}
+                       "seconds": sum(r["seconds"] for r in rs) / len(rs),
+                       "cpu_seconds": sum(r.get("cpu_seconds", r["seconds"]) for r in rs) / len(rs)}
     return out
 
 
@@ -372,7 +381,7 @@ LABELS = {"grpo": "GRPO", "kd_k2": "KD (k2)", "kd_exact": "KD (exact RKL)", "kdr
 
 def markdown_table(summary: dict, info: dict) -> str:
     lines = ["| method | held-out accuracy (mean ± s.e.) | Δ vs start | response length | exact KL | k1 | k2 | k3 |"
-             " s/run |", "|---|---|---|---|---|---|---|---|---|"]
+             " s/run (CPU / wall) |", "|---|---|---|---|---|---|---|---|---|"]
     lines.append(f"| teacher (SFT) | {100 * info['teacher']['accuracy']:.1f} | | {info['teacher']['length']:.2f} "
                  "| 0 | | | | |")
     lines.append(f"| student at start (SFT) | {100 * info['student']['accuracy']:.1f} | | "
@@ -381,7 +390,7 @@ def markdown_table(summary: dict, info: dict) -> str:
         f, se = s["final"]
         lines.append(f"| {LABELS.get(method, method)} | {100 * f:.1f} ± {100 * se:.1f} | "
                      f"{100 * (f - s['start']):+.1f} | {s['length'][0]:.2f} | {s['exact_kl'][0]:.3f} | "
-                     f"{s['k1'][0]:.3f} | {s['k2'][0]:.3f} | {s['k3'][0]:.3f} | {s['seconds']:.0f} |")
+                     f"{s['k1'][0]:.3f} | {s['k2'][0]:.3f} | {s['k3'][0]:.3f} | {s['cpu_seconds']:.0f} / {s['seconds']:.0f} |")
     return "\n".join(lines)
 
 
@@ -433,29 +442,42 @@ def _smooth(xs, k: int = 5):
     return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
 
 
-def run_table(cfg: TestbedConfig, out: Path, say=print) -> tuple[list[dict], dict, dict]:
-    """Pre-train (or load) the pair, then every method x seed; ``out/runs.jsonl`` grows as runs finish."""
+def run_table(cfg: TestbedConfig, out: Path, say=print, fresh: bool = False) -> tuple[list[dict], dict, dict]:
+    """Pre-train (or load) the pair, then every method x seed; ``out/runs.jsonl`` grows as runs finish.
+
+    Runs already in ``out/runs.jsonl`` with the same :meth:`TestbedConfig.run_key` are reused unless ``fresh``.
+    """
     train, heldout = datasets(cfg)
     teacher, student, info = pretrain_pair(cfg, out, say)
     say(f"teacher held-out accuracy {100 * info['teacher']['accuracy']:.1f}%, student "
         f"{100 * info['student']['accuracy']:.1f}% ({len(heldout)} held-out problems, greedy)")
     state = {k: v.clone() for k, v in student.state_dict().items()}
     methods = cfg.methods or METHODS
+    key, path = cfg.run_key(), out / "runs.jsonl"
+    done = {}
+    if path.exists() and not fresh:  # runs of this exact config finished earlier (an interrupted table, a rerun)
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("key") == key:
+                done[(r["method"], r["seed"])] = r
     runs = []
     total = len(methods) * len(cfg.seeds)
-    log = (out / "runs.jsonl").open("w")
-    try:
+    reused = sum((m, s) in done for s in cfg.seeds for m in methods)
+    if reused:
+        say(f"reusing {reused} of {total} runs from {path} (same config; --fresh recomputes)")
+    with path.open("a" if not fresh else "w") as log:
         for seed in cfg.seeds:
             for method in methods:
-                r = rl_run(method, seed, state, teacher, cfg, train, heldout, say)
+                if (method, seed) in done:
+                    runs.append(done[(method, seed)])
+                    continue
+                r = {"key": key, **rl_run(method, seed, state, teacher, cfg, train, heldout, say)}
                 runs.append(r)
                 log.write(json.dumps(r) + "\n")
                 log.flush()
                 say(f"[{len(runs)}/{total}] {method:13s} seed {seed}: held-out accuracy "
                     f"{100 * r['curve'][0]['accuracy']:.1f}% -> {100 * r['final']:.1f}% in {cfg.steps} steps, "
-                    f"length {r['length']:.2f}, exact KL {r['kl']['exact_kl']:.3f} ({r['seconds']:.0f}s)")
-    finally:
-        log.close()
+                    f"length {r['length']:.2f}, exact KL {r['kl']['exact_kl']:.3f} ({r['seconds']:.0f}s, {r['cpu_seconds']:.0f}s CPU)")
     return runs, summarise(runs), info
 
 
@@ -526,6 +548,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--methods", default=None, help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--fresh", action="store_true", help="recompute runs found in runs.jsonl (not the pair)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest for these tiny models)")
     args = parser.parse_args(argv)
     say = (lambda msg: print(f"[kdrl.testbed +{time.perf_counter() - _T0:.1f}s] {msg}", flush=True))
@@ -545,7 +568,7 @@ def main(argv=None) -> int:
         + (f" and {args.docs}/testbed.png, {args.docs}/testbed.md" if args.docs else ""))
     start, cpu0 = time.perf_counter(), time.process_time()
     try:
-        runs, summary, info = run_table(cfg, out, say)
+        runs, summary, info = run_table(cfg, out, say, fresh=args.fresh)
     except KeyboardInterrupt:
         say(f"interrupted: finished runs are in {out}/runs.jsonl; the cached pair (if written) is kept")
         return 130
@@ -560,4 +583,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on main() catches KeyboardInterrupt
     sys.exit(main())
