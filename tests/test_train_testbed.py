@@ -1,17 +1,20 @@
-"""The KD + RL testbed learns: GRPO and KDRL each raise held-out accuracy from the same pre-trained student.
+"""The KD + RL testbed's chain runs and moves the student the way each objective should, from one start.
 
 A regression test of the whole chain the trainer uses (sampling -> exact-match reward -> ``build_batch``'s
 group-normalised advantages -> teacher hidden states -> ``backward_microbatches`` / ``KDRLLoss`` -> AdamW step) on
-tiny models trained here (no download). Deterministic: fixed seeds, one torch thread.
+tiny models pre-trained here (no download). Deterministic: fixed seeds, one torch thread; ``quick_config`` is the
+table's configuration with seed 0 only, so these numbers are that seed's rows of docs/testbed.md.
+
+What it does not assert: that GRPO and KDRL raise held-out accuracy by a clear margin. In 40 steps they do not
+(GRPO +1.0 to +3.0 points over three seeds, KDRL +0.3 to +2.3, both within the seed spread); on-policy KD does
+(+4.3 to +5.6 points), and is asserted instead, with KDRL's pull towards the teacher.
 """
 import torch
 
 from kdrl import testbed as tb
 
-MARGIN = 0.10  # held-out accuracy gain required; the seed-to-seed spread of a run here is a few points
 
-
-def test_grpo_and_kdrl_raise_heldout_accuracy(tmp_path):
+def test_testbed_chain_moves_the_student(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -19,14 +22,23 @@ def test_grpo_and_kdrl_raise_heldout_accuracy(tmp_path):
         train, heldout = tb.datasets(cfg)
         teacher, student, info = tb.pretrain_pair(cfg, tmp_path, say=lambda *_: None)
         start = info["student"]["accuracy"]
-        assert 0.02 <= start <= 0.4, info
-        assert info["teacher"]["accuracy"] >= start + 0.2, info
+        assert 0.05 <= start <= 0.35, info  # weak but not at zero
+        assert 0.7 <= info["teacher"]["accuracy"] <= 0.95, info  # good but imperfect
         state = {k: v.clone() for k, v in student.state_dict().items()}
-        for method in ("grpo", "kdrl"):
-            run = tb.rl_run(method, 0, state, teacher, cfg, train, heldout, say=lambda *_: None)
-            assert run["curve"][0]["accuracy"] == start  # the same start for both
-            assert run["final"] >= start + MARGIN, (method, start, run["curve"])
+        runs = {m: tb.rl_run(m, 0, state, teacher, cfg, train, heldout, say=lambda *_: None)
+                for m in ("grpo", "kdrl", "kd_k2")}
+        for m, run in runs.items():
+            assert run["curve"][0]["accuracy"] == start, m  # the same start for every method
+            assert len(run["train"]) == cfg.steps and all(r["grad_norm"] > 0 for r in run["train"]), m
+        # on-policy KD learns from the teacher: a clear gain in held-out accuracy (9+ of 300 problems)
+        assert runs["kd_k2"]["final"] >= start + 0.03, runs["kd_k2"]["curve"]
+        # GRPO and KDRL do not lose accuracy ...
+        assert runs["grpo"]["final"] >= start and runs["kdrl"]["final"] >= start
+        # ... and the KD term of KDRL keeps the student much closer to the teacher than GRPO does
+        assert runs["kdrl"]["kl"]["exact_kl"] <= runs["grpo"]["kl"]["exact_kl"] - 0.15, \
+            (runs["kdrl"]["kl"], runs["grpo"]["kl"])
+        for run in runs.values():  # the exact KL and its sample estimates agree in size
             kl = run["kl"]
-            assert kl["exact_kl"] > 0 and kl["k2"] > 0, kl
+            assert kl["exact_kl"] > 0 and abs(kl["k1"] - kl["exact_kl"]) < 0.2 * kl["exact_kl"] + 0.05, kl
     finally:
         torch.set_num_threads(threads)
