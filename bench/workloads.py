@@ -125,7 +125,7 @@ def _cases(workloads, models, tokens, dtypes, device, vocabs=(None,)):
 
 
 def preset(name: str, device: str = "cpu") -> Preset:
-    """``smoke`` (seconds; tests), ``quick`` (< 1 min here), ``default`` (< 5 min here, includes the KDRL target
+    """``smoke`` (seconds; tests), ``quick`` (< 1 min here), ``default`` (~7 min here, includes the KDRL target
     point N=2048, V=151,936), ``full`` (every workload, model, dtype and a token/vocab sweep)."""
     q, s, ll = "qwen2.5-0.5b/1.5b", "smollm2-135m/360m", "llama3-8b/70b"
     gpu = device == "cuda"
@@ -143,7 +143,7 @@ def preset(name: str, device: str = "cpu") -> Preset:
             cases = (_cases(["kdrl"], [q], [4096, 16384], ["bfloat16"], device)
                      + _cases(["grpo", "rkl"], [q], [16384], ["bfloat16"], device))
             return Preset(name, cases, warmup=2, repeats=10)
-        # The 2-core CPU budget (5 min) holds the target point with naive, ours and Liger, plus every workload at a
+        # The 2-core CPU budget (~7 min) holds the target point with naive, ours and Liger, plus every workload at a
         # small shape; the full comparison (fp32, every provider everywhere) is --full.
         cases = (_cases(["kdrl"], [q], [2048], ["bfloat16"], device)
                  + _cases(WORKLOADS, [s], [512], ["bfloat16"], device))
