@@ -77,7 +77,9 @@ def test_stdout_shows_progress_paths_and_one_line_per_step(pair, tmp_path, capsy
         assert float(m.group(9)) == 0.5
         split = [float(m.group(i)) for i in (11, 12, 13, 14)]
         assert float(m.group(10)) == pytest.approx(sum(split), abs=0.26)  # each part is shown to 0.1 s
-        assert split[0] > 0 and split[2] > 0  # rollout and update took time
+        assert all(x >= 0 for x in split)  # shown to 0.1 s: a tiny model on an idle machine can show 0.0
+        timed = [v for k, v in rec.items() if k.startswith("time_") and k != "time_step"]
+        assert timed and all(v > 0 for v in timed)  # the phases behind the split were timed
     assert "saved step_000002" in lines[at[-1] + 1]  # where the checkpoint went, on the step's line
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
