@@ -46,6 +46,11 @@ class FusedLossParams:
     kl_has_grad: bool = False     # the objective depends on the exact KL
     need_entropy: bool = False
 
+    @property
+    def keep_logp(self) -> bool:
+        """log p is still needed after p (exact KL, entropy), so p takes a buffer of its own instead of log p's."""
+        return self.need_exact_kl or self.need_entropy
+
 
 def _teacher_chunk(ws, teacher, head, idx, targets, keep_logq):
     """Teacher log-prob of the targets for one chunk; with ``keep_logq`` also the teacher's ``(c, V)`` log-probs.
@@ -78,7 +83,7 @@ def _objective_grads(params, idx, s, t, kl):
 
 def _chunk_step(ws, idx, hidden, targets, head, teacher, teacher_head, params, stats, grads, needs):
     """One chunk of rows ``idx``: statistics into ``stats``, gradients into ``grads``; returns the chunk's loss."""
-    keep_logp = params.need_exact_kl or params.need_entropy
+    keep_logp = params.keep_logp
     tgt = targets[idx]
     t, logq = (_teacher_chunk(ws, teacher, teacher_head, idx, tgt, params.need_exact_kl)
                if teacher.present else (None, None))
@@ -125,10 +130,8 @@ class FusedPolicyLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         head = Head(weight, bias, params.temperature)
         teacher_head = Head(teacher.weight, teacher.bias, params.temperature) if teacher.hidden is not None else None
-        # p needs its own buffer only when log p is still needed (exact KL, entropy); else it overwrites log p.
-        keep_logp = params.need_exact_kl or params.need_entropy
         scratch = max(h.scratch_buffers for h in (head, teacher_head) if h is not None)  # shared by both heads
-        n_buffers = (3 if params.need_exact_kl else (2 if keep_logp else 1)) + scratch
+        n_buffers = (3 if params.need_exact_kl else (2 if params.keep_logp else 1)) + scratch
         chunk = params.chunk_size or default_chunk_size(weight.shape[0], max(n, 1), n_buffers)
         ws = Workspace(chunk, weight.shape[0], hidden.device)
         for start in range(0, n, chunk):
