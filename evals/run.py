@@ -282,9 +282,14 @@ def cli(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, _on_signal)
     try:
         main(argv)
-    except (KeyboardInterrupt, _Terminated) as e:
-        code = 143 if isinstance(e, _Terminated) else 130
-        print(f"\ninterrupted ({'SIGTERM' if code == 143 else 'Ctrl-C'}): finished samples are saved; rerun the "
+    except BaseException as e:
+        # A stop can also surface wrapped: Python turns an exception raised while a class is being created (say,
+        # during an import) into a RuntimeError. Once a signal was received, any exception is that stop.
+        if _STOP["signal"] is None and not isinstance(e, (KeyboardInterrupt, _Terminated)):
+            raise
+        term = isinstance(e, _Terminated) or _STOP["signal"] == signal.SIGTERM
+        code = 143 if term else 130
+        print(f"\ninterrupted ({'SIGTERM' if term else 'Ctrl-C'}): finished samples are saved; rerun the "
               f"same command to resume", file=sys.stderr, flush=True)
         return code
     return 0
