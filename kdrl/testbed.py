@@ -8,7 +8,7 @@ a teacher pre-trained by supervised learning to be good but imperfect, and a sma
 From the same student every method runs through the trainer's own chain: batched sampling -> exact-match
 reward -> :func:`kdrl.rollout.build_batch` (group-normalised advantages) -> teacher hidden states ->
 :func:`kdrl.train.backward_microbatches` (``kdrl_kernels.KDRLLoss``, with the exact KL logged beside k1/k2/k3) ->
-AdamW step. Held-out greedy accuracy is measured every few steps. Results go to ``results/testbed/``
+AdamW step. Held-out accuracy (greedy, and mean@8 at temperature 1) is measured every few steps. Results go to ``results/testbed/``
 (checkpoints of the pre-trained pair are cached there) and, with ``--docs``, to ``docs/testbed.md`` and
 ``docs/testbed.png``.
 """
@@ -192,16 +192,30 @@ def sample(model, prompts: list[list[int]], *, temperature: float = 1.0, generat
     return responses, truncated
 
 
+EVAL_SAMPLES = 8   # held-out mean@8 at the rollout temperature, beside greedy accuracy
+EVAL_SEED = 4321   # every evaluation draws the same random stream, so two models' scores are paired
+
+
 @torch.no_grad()
-def evaluate(model, problems: list[Problem], batch: int = 512) -> dict:
-    """Greedy held-out accuracy and mean response length (tokens, EOS included)."""
+def evaluate(model, problems: list[Problem], batch: int = 512, samples: int = EVAL_SAMPLES) -> dict:
+    """Held-out accuracy: greedy (``accuracy``), and mean@``samples`` at temperature 1 (``sampled``, the reward
+    RL maximises, as the papers report mean@k at a temperature); mean greedy response length (tokens, EOS included).
+    """
     ok, lengths = 0, 0
     for i in range(0, len(problems), batch):
         part = problems[i:i + batch]
         responses, _ = sample(model, [p.prompt_ids() for p in part], temperature=0.0)
         ok += sum(correct(p, r) for p, r in zip(part, responses))
         lengths += sum(len(r) for r in responses)
-    return {"accuracy": ok / len(problems), "length": lengths / len(problems)}
+    out = {"accuracy": ok / len(problems), "length": lengths / len(problems)}
+    if samples:
+        gen, hits, per = torch.Generator().manual_seed(EVAL_SEED), 0, max(1, batch // samples)
+        for i in range(0, len(problems), per):
+            part = [p for p in problems[i:i + per] for _ in range(samples)]
+            responses, _ = sample(model, [p.prompt_ids() for p in part], temperature=1.0, generator=gen)
+            hits += sum(correct(p, r) for p, r in zip(part, responses))
+        out["sampled"] = hits / (len(problems) * samples)
+    return out
 
 
 # ---- the pre-trained pair, cached -------------------------------------------------------------------------------
@@ -246,8 +260,8 @@ class TestbedConfig:
 
 
 def quick_config() -> TestbedConfig:
-    """The test suite's version: the table's configuration with one seed and 40 steps instead of 120."""
-    return TestbedConfig(seeds=(0,), steps=40)
+    """The test suite's version: the table's configuration with one seed, GRPO, KDRL and KD (k2) only."""
+    return TestbedConfig(seeds=(0,), methods=("grpo", "kdrl", "kd_k2"))
 
 
 def datasets(cfg: TestbedConfig) -> tuple[list[Problem], list[Problem]]:
@@ -268,7 +282,11 @@ def pretrain_pair(cfg: TestbedConfig, out: Path, say=print):
         student.load_state_dict(state["student"])
         teacher.eval(), student.eval()
         say(f"loaded the pre-trained teacher and student from {path}/pair.pt")
-        return teacher, student, state["info"]
+        info = state["info"]
+        for name, model in (("teacher", teacher), ("student", student)):
+            if "sampled" not in info[name]:  # a pair cached before mean@k was measured
+                info[name] = evaluate(model, heldout)
+        return teacher, student, info
     say(f"pre-training the teacher ({cfg.teacher_layers} layers, d={cfg.teacher_hidden}, "
         f"{cfg.teacher_sft_steps} SFT steps) and the student ({cfg.student_layers} layers, d={cfg.student_hidden}, "
         f"{cfg.student_sft_steps} steps); cached in {path}/ for the next run")
@@ -362,8 +380,8 @@ def rl_run(method: str, seed: int, student_state: dict, teacher, cfg: TestbedCon
     last = train_log[-max(1, len(train_log) // 5):]  # the last fifth of the run: KL and length estimates
     mean = (lambda k: sum(r[k] for r in last if r[k] is not None) / max(1, sum(r[k] is not None for r in last)))
     return {"method": method, "seed": seed, "curve": curve, "train": train_log,
-            "final": curve[-1]["accuracy"], "length": curve[-1]["length"],
-            "kl": {k: mean(k) for k in ("k1", "k2", "k3", "exact_kl")},
+            "final": curve[-1]["accuracy"], "final_sampled": curve[-1]["sampled"], "length": curve[-1]["length"],
+            "kl": {k: mean(k) for k in ("k1", "k2", "k3", "exact_kl")}, "clip_frac": mean("clip_frac"),
             "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
@@ -378,7 +396,9 @@ def summarise(runs: list[dict]) -> dict[str, dict]:
             se = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else 0.0
             return m, se
         out[method] = {"n": len(rs), "final": stat([r["final"] for r in rs]),
-                       "start": rs[0]["curve"][0]["accuracy"], "length": stat([r["length"] for r in rs]),
+                       "sampled": stat([r["final_sampled"] for r in rs]), "clip_frac": stat([r["clip_frac"] for r in rs]),
+                       "start": rs[0]["curve"][0]["accuracy"], "start_sampled": rs[0]["curve"][0]["sampled"],
+                       "length": stat([r["length"] for r in rs]),
                        **{k: stat([r["kl"][k] for r in rs]) for k in ("k1", "k2", "k3", "exact_kl")},
                        "seconds": sum(r["seconds"] for r in rs) / len(rs),
                        "cpu_seconds": sum(r.get("cpu_seconds", r["seconds"]) for r in rs) / len(rs)}
@@ -391,30 +411,34 @@ LABELS = {"grpo": "GRPO", "kd_k2": "KD (k2)", "kd_exact": "KD (exact RKL)", "kdr
 
 
 def markdown_table(summary: dict, info: dict) -> str:
-    lines = ["| method | held-out accuracy (mean ± s.e.) | Δ vs start | response length | exact KL | k1 | k2 | k3 |"
-             " s/run (CPU / wall) |", "|---|---|---|---|---|---|---|---|---|"]
-    lines.append(f"| teacher (SFT) | {100 * info['teacher']['accuracy']:.1f} | | {info['teacher']['length']:.2f} "
-                 "| 0 | | | | |")
-    lines.append(f"| student at start (SFT) | {100 * info['student']['accuracy']:.1f} | | "
-                 f"{info['student']['length']:.2f} | | | | | |")
+    lines = ["| method | greedy accuracy (mean ± s.e.) | Δ vs start | mean@8, T=1 (mean ± s.e.) | Δ vs start |"
+             " response length | exact KL | k1 | k2 | k3 | clip frac | s/run (CPU / wall) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("teacher", "student"):
+        label = "teacher (SFT)" if name == "teacher" else "student at start (SFT)"
+        lines.append(f"| {label} | {100 * info[name]['accuracy']:.1f} | | {100 * info[name]['sampled']:.1f} | | "
+                     f"{info[name]['length']:.2f} | {'0' if name == 'teacher' else ''} | | | | | |")
     for method, s in sorted(summary.items(), key=lambda kv: kv[1]["final"][0]):
-        f, se = s["final"]
+        (f, se), (fs, ses) = s["final"], s["sampled"]
         lines.append(f"| {LABELS.get(method, method)} | {100 * f:.1f} ± {100 * se:.1f} | "
-                     f"{100 * (f - s['start']):+.1f} | {s['length'][0]:.2f} | {s['exact_kl'][0]:.3f} | "
-                     f"{s['k1'][0]:.3f} | {s['k2'][0]:.3f} | {s['k3'][0]:.3f} | {s['cpu_seconds']:.0f} / {s['seconds']:.0f} |")
+                     f"{100 * (f - s['start']):+.1f} | {100 * fs:.1f} ± {100 * ses:.1f} | "
+                     f"{100 * (fs - s['start_sampled']):+.1f} | {s['length'][0]:.2f} | {s['exact_kl'][0]:.3f} | "
+                     f"{s['k1'][0]:.3f} | {s['k2'][0]:.3f} | {s['k3'][0]:.3f} | {s['clip_frac'][0]:.3f} | "
+                     f"{s['cpu_seconds']:.0f} / {s['seconds']:.0f} |")
     return "\n".join(lines)
 
 
-def ordering(summary: dict) -> str:
-    items = sorted(summary.items(), key=lambda kv: kv[1]["final"][0])
-    return " < ".join(f"{LABELS.get(m, m)} {100 * s['final'][0]:.1f}" for m, s in items)
+def ordering(summary: dict, key: str = "final") -> str:
+    items = sorted(summary.items(), key=lambda kv: kv[1][key][0])
+    return " < ".join(f"{LABELS.get(m, m)} {100 * s[key][0]:.1f}" for m, s in items)
 
 
 def plot(runs: list[dict], summary: dict, info: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
+    axes = axes.ravel()
     colors = plt.get_cmap("tab10")
     for i, method in enumerate(summary):
         rs = [r for r in runs if r["method"] == method]
@@ -422,27 +446,29 @@ def plot(runs: list[dict], summary: dict, info: dict, path: Path) -> None:
         steps = [rs[0]["curve"][j]["step"] for j in range(n)]
         samples = [rs[0]["curve"][j]["samples"] for j in range(n)]
         acc = [100 * sum(r["curve"][j]["accuracy"] for r in rs) / len(rs) for j in range(n)]
+        at_t = [100 * sum(r["curve"][j]["sampled"] for r in rs) / len(rs) for j in range(n)]
         kw = dict(color=colors(i), lw=2, label=LABELS.get(method, method), marker="o", ms=3)
         axes[0].plot(steps, acc, **kw)
         axes[1].plot(samples, acc, **kw)
+        axes[2].plot(steps, at_t, **kw)
         tr = [r["train"] for r in rs]
         m = min(len(t) for t in tr)
         kl = [sum(t[j]["exact_kl"] for t in tr) / len(tr) for j in range(m)]
-        axes[2].plot(range(1, m + 1), _smooth(kl), color=colors(i), lw=2, label=LABELS.get(method, method))
+        axes[3].plot(range(1, m + 1), _smooth(kl), color=colors(i), lw=2, label=LABELS.get(method, method))
     for ax in axes[:2]:
         ax.set_ylabel(f"held-out greedy accuracy (%); teacher {100 * info['teacher']['accuracy']:.1f}")
+    axes[2].set_ylabel(f"held-out mean@{EVAL_SAMPLES} at T=1 (%); teacher {100 * info['teacher']['sampled']:.1f}")
+    for ax, x in zip(axes, ("RL step", "sampled responses", "RL step", "RL step")):
+        ax.set_xlabel(x)
         ax.grid(alpha=0.3)
-    axes[0].set_xlabel("RL step")
-    axes[1].set_xlabel("sampled responses")
-    axes[2].set_xlabel("RL step")
-    axes[2].set_ylabel("exact KL(student || teacher) per token, on rollouts")
-    axes[2].set_yscale("log")
-    axes[2].grid(alpha=0.3)
+    axes[3].set_ylabel("exact KL(student || teacher) per token, on rollouts")
+    axes[3].set_yscale("log")
     n_seeds = max(s["n"] for s in summary.values())
-    axes[0].set_title(f"accuracy vs steps (mean of {n_seeds} seeds)")
-    axes[1].set_title("accuracy vs samples")
-    axes[2].set_title("exact KL to the teacher (smoothed)")
-    axes[2].legend(fontsize=9, loc="upper right", ncol=2)
+    axes[0].set_title(f"greedy accuracy vs steps (mean of {n_seeds} seeds)")
+    axes[1].set_title("greedy accuracy vs samples")
+    axes[2].set_title(f"mean@{EVAL_SAMPLES} at the rollout temperature vs steps")
+    axes[3].set_title("exact KL to the teacher (smoothed)")
+    axes[0].legend(fontsize=9, loc="upper left", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -459,8 +485,9 @@ def run_table(cfg: TestbedConfig, out: Path, say=print, fresh: bool = False) -> 
     """
     train, heldout = datasets(cfg)
     teacher, student, info = pretrain_pair(cfg, out, say)
-    say(f"teacher held-out accuracy {100 * info['teacher']['accuracy']:.1f}%, student "
-        f"{100 * info['student']['accuracy']:.1f}% ({len(heldout)} held-out problems, greedy)")
+    say(f"held-out accuracy ({len(heldout)} problems), greedy / mean@{EVAL_SAMPLES} at T=1: teacher "
+        f"{100 * info['teacher']['accuracy']:.1f}% / {100 * info['teacher']['sampled']:.1f}%, student "
+        f"{100 * info['student']['accuracy']:.1f}% / {100 * info['student']['sampled']:.1f}%")
     state = {k: v.clone() for k, v in student.state_dict().items()}
     methods = cfg.methods or METHODS
     key, path = cfg.run_key(), out / "runs.jsonl"
@@ -485,8 +512,9 @@ def run_table(cfg: TestbedConfig, out: Path, say=print, fresh: bool = False) -> 
                 runs.append(r)
                 log.write(json.dumps(r) + "\n")
                 log.flush()
-                say(f"[{len(runs)}/{total}] {method:13s} seed {seed}: held-out accuracy "
-                    f"{100 * r['curve'][0]['accuracy']:.1f}% -> {100 * r['final']:.1f}% in {cfg.steps} steps, "
+                say(f"[{len(runs)}/{total}] {method:13s} seed {seed}: held-out greedy "
+                    f"{100 * r['curve'][0]['accuracy']:.1f}% -> {100 * r['final']:.1f}%, mean@{EVAL_SAMPLES} "
+                    f"{100 * r['curve'][0]['sampled']:.1f}% -> {100 * r['final_sampled']:.1f}% in {cfg.steps} steps, "
                     f"length {r['length']:.2f}, exact KL {r['kl']['exact_kl']:.3f} ({r['seconds']:.0f}s, {r['cpu_seconds']:.0f}s CPU)")
     return runs, summarise(runs), info
 
@@ -514,7 +542,8 @@ in `results/testbed/pair-<hash>/`, every finished run is appended to `results/te
 
 **Task.** Add four one-digit numbers and write every partial sum: `7+5+9+3=` -> `12;21;24<eos>`. Reward 1 if the
 response ends with end-of-sequence and its last field is the sum, else 0. 16-symbol digit tokenizer,
-{cfg.train_problems} training problems, {cfg.heldout_problems} held-out problems (disjoint), greedy evaluation.
+{cfg.train_problems} training problems, {cfg.heldout_problems} held-out problems (disjoint),
+evaluated greedily and by mean@{EVAL_SAMPLES} at temperature 1 (the same random stream for every model).
 
 **Models** (transformers `LlamaConfig`, built here, no download). Teacher: {cfg.teacher_layers} layers,
 d={cfg.teacher_hidden}, {info['teacher_params']:,} parameters, {cfg.teacher_sft_steps} SFT steps. Student:
@@ -534,10 +563,15 @@ reverse KL(student || teacher); k1/k2/k3 are its sample estimates on the sampled
 
 {markdown_table(summary, info)}
 
-Accuracy: held-out greedy accuracy after the last step, mean ± standard error over seeds {list(cfg.seeds)}.
+Accuracy after the last step on the held-out problems, mean ± standard error over seeds {list(cfg.seeds)}: greedy, and
+mean@{EVAL_SAMPLES} at temperature 1 (the rollouts' distribution, the reward RL maximises; the papers report mean@k at a
+temperature). Clip frac: share of response tokens whose ratio was clipped (last fifth of the run); fully on-policy it
+is 0 except for TRRD, whose ratio is anchored to the teacher.
 Response length: tokens including end-of-sequence, greedy, on the held-out set.
 
-**Measured ordering** (final held-out accuracy): {ordering(summary)}.
+**Measured ordering**, greedy: {ordering(summary)}.
+
+Mean@{EVAL_SAMPLES}: {ordering(summary, "sampled")}.
 
 **Papers' ordering**: {PAPERS}.
 
