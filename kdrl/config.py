@@ -28,6 +28,9 @@ class ModelConfig:
     """Which student and teacher to load and how the student is trained."""
     student: str = opt("smollm2-135m-instruct", "student: hub id, local directory, or a kdrl.models registry name")
     teacher: str | None = opt(None, "teacher (same tokenizer as the student); null for GRPO, which needs none")
+    teacher_backend: str = opt("hf", "how the teacher scores the sampled tokens: hf (a torch copy here; hidden states, "
+                                     "every estimator and the exact KL) or vllm (a vLLM engine's prompt_logprobs, "
+                                     "kdrl.teacher: k1/k2/k3, shaping and TRRD only, rollout.temperature 1)")
     dtype: str = opt("bfloat16", "dtype of the model weights used in forward/backward (bfloat16 or float32)")
     master_fp32: bool = opt(True, "keep an fp32 master copy of the trainable weights and fp32 optimizer state")
     lora_rank: int = opt(0, "0 = full fine-tuning; > 0 = LoRA adapters of this rank on all linear layers (peft)")
@@ -232,6 +235,26 @@ def validate(cfg: TrainConfig) -> None:
     lc = loss_config(cfg)  # the loss library's own checks, before any model is loaded
     if lc.needs_teacher and not cfg.model.teacher:
         raise ValueError(f"loss.objective={lc.objective!r} needs model.teacher")
+    _validate_teacher_backend(cfg, lc)
+
+
+def _validate_teacher_backend(cfg: TrainConfig, lc) -> None:
+    """A served teacher gives one log-prob per sampled token at temperature 1: refuse what needs more."""
+    backend = cfg.model.teacher_backend
+    if backend not in ("hf", "vllm"):
+        raise ValueError(f"model.teacher_backend must be hf or vllm, got {backend!r}")
+    if backend == "hf" or not lc.needs_teacher:
+        return
+    if lc.kl_estimator == "exact" and lc.objective in ("kd", "kdrl"):
+        raise ValueError("model.teacher_backend=vllm gives the teacher's log-probs of the sampled tokens only: "
+                         "loss.kl_estimator=exact needs its full distribution; use k1, k2 or k3, or teacher_backend=hf")
+    if lc.log_exact_kl:
+        raise ValueError("model.teacher_backend=vllm cannot log the exact KL (it needs the teacher's hidden states): "
+                         "set loss.log_exact_kl=false, or teacher_backend=hf")
+    if cfg.rollout.temperature != 1.0:
+        raise ValueError(f"model.teacher_backend=vllm scores at temperature 1 (vLLM's prompt log-probs are raw), but "
+                         f"rollout.temperature={cfg.rollout.temperature} is the loss temperature: set it to 1, or "
+                         "teacher_backend=hf")
 
 
 def describe(cls=TrainConfig, prefix: str = "") -> str:

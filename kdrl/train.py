@@ -275,8 +275,11 @@ class Trainer:
         self.model, self.tokenizer = load_model_and_tokenizer(self.student_path, dtype=dtype)
         say(f"student loaded from {self.student_path}: {_millions(self.model.parameters())} parameters "
             f"({time.perf_counter() - t0:.1f}s)")
-        self.teacher = None
-        if lc.needs_teacher:
+        self.teacher = self.teacher_server = None
+        if lc.needs_teacher and cfg.model.teacher_backend == "vllm":
+            from kdrl.teacher import serve_teacher
+            self.teacher_server = serve_teacher(cfg, self.tokenizer, say)
+        elif lc.needs_teacher:
             say(f"loading the teacher {cfg.model.teacher} ({cfg.model.dtype}) ...")
             t0 = time.perf_counter()
             self.teacher, teacher_tok = load_model_and_tokenizer(resolve_model(cfg.model.teacher), dtype=dtype)
@@ -445,6 +448,8 @@ class Trainer:
         ``(B, T, d_t)`` (+ lm_head weight) are kept; otherwise only its log-probs ``(B, T)`` float32, which frees the
         hidden states at once and keeps the teacher's fp32 lm_head out of the student's backward (less memory).
         """
+        if self.teacher_server is not None:  # model.teacher_backend=vllm: sampled-token log-probs, temperature 1
+            return {"teacher_logprobs": self.teacher_server.logprobs(batch)}
         if self.teacher is None:
             return {}
         from kdrl_kernels import fused_linear_logprobs
@@ -491,7 +496,7 @@ class Trainer:
         if first:
             say(f"step {self.step + 1}: {len(batch)} responses sampled and graded "
                 f"({timer.get('generation', 0):.1f}s + {timer.get('grading', 0):.1f}s)"
-                + (", teacher forward ..." if self.teacher is not None else ""))
+                + (", teacher forward ..." if self.teacher is not None or self.teacher_server is not None else ""))
         with timer("teacher"):
             teacher = self.teacher_signal(batch)
         old = None

@@ -33,26 +33,28 @@ def byte_tokenizer():
     return fast
 
 
-def tiny_config(vocab_size: int):
+def tiny_config(vocab_size: int, hidden: int = 64, heads: int = 4):
+    """``hidden=128, heads=2`` gives head_dim 64, the smallest vLLM's CPU attention accepts."""
     from transformers import LlamaConfig
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                       num_attention_heads=heads, num_key_value_heads=heads // 2, max_position_embeddings=1024,
                        tie_word_embeddings=False, eos_token_id=2, pad_token_id=0, bos_token_id=None,
                        initializer_range=0.2)  # peaked, not near-uniform, next-token distributions
 
 
-def make_tiny_pair(root: Path, seed: int = 0, noise: float = 0.5) -> tuple[Path, Path]:
-    """Write ``root/student`` and ``root/teacher`` model directories; returns their paths."""
+def make_tiny_pair(root: Path, seed: int = 0, noise: float = 0.5, **shape) -> tuple[Path, Path]:
+    """Write ``root/student`` and ``root/teacher`` model directories; returns their paths. ``shape``: of
+    :func:`tiny_config`."""
     from transformers import LlamaForCausalLM
 
     tok = byte_tokenizer()
     torch.manual_seed(seed)
-    student = LlamaForCausalLM(tiny_config(len(tok)))
+    student = LlamaForCausalLM(tiny_config(len(tok), **shape))
     paths = []
     for name in ("student", "teacher"):
         model = student
         if name == "teacher":
-            model = LlamaForCausalLM(tiny_config(len(tok)))
+            model = LlamaForCausalLM(tiny_config(len(tok), **shape))
             model.load_state_dict(student.state_dict())
             with torch.no_grad():
                 for p in model.parameters():
