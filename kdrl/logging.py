@@ -84,10 +84,11 @@ def _f(x, digits: int) -> str:
 def step_line(step: int, total_steps: int, metrics: dict) -> str:
     """The one line a step prints, e.g.
 
-    ``step 3/10  reward 0.250  acc 0.250  len 87.5  beta*kd 1.3e-03 (kd 0.65)  clip 0.000  beta 2.0e-03
+    ``step 3/10  reward 0.250  acc 0.250  len 87.5  beta*kd 1.3e-03 (kd 0.65)  clip 0.000  beta 2.0e-03  grad 0.41
     | 12.1 s/step: rollout 7.2, teacher 1.3, update 3.4, other 0.2``: ``beta*kd`` is the KD term as it enters the
     loss (``kd_term``; for kdrl_shaping, the mean penalty subtracted from the advantage), ``kd`` the raw estimate
     (``kd_raw``). Objectives without a KD term show ``beta*kd -`` (trrd adds the k2 to the teacher for information).
+    ``grad`` is the gradient norm before clipping (0 when nothing moved the student).
     The seconds are the step's wall time, rollout / teacher / update / other as grouped in :data:`TIME_SPLIT`.
     """
     m = metrics
@@ -99,7 +100,7 @@ def step_line(step: int, total_steps: int, metrics: dict) -> str:
         parts.append(f"beta*kd - (k2 to teacher {_g(m['k2'])})")
     else:
         parts.append("beta*kd -")
-    parts += [f"clip {_f(m.get('clip_frac'), 3)}", f"beta {_g(m.get('beta'))}"]
+    parts += [f"clip {_f(m.get('clip_frac'), 3)}", f"beta {_g(m.get('beta'))}", f"grad {_g(m.get('grad_norm'))}"]
     split = time_split(m)
     timing = (f"| {split['total']:.1f} s/step: rollout {split['rollout']:.1f}, teacher {split['teacher']:.1f}, "
               f"update {split['update']:.1f}, other {split['other']:.1f}")

@@ -46,8 +46,8 @@ def crash_on_call(trainer, monkeypatch, n):
 
 # ---- 1. stdout: progress from the start, the paths written, one line per step ----------------------------------
 STEP_LINE = re.compile(r"^step (\d+)/(\d+)  reward (\S+)  acc (\S+)  len (\S+)  beta\*kd (\S+) \(kd (\S+)\)  "
-                       r"clip (\S+)  beta (\S+)  \| (\S+) s/step: rollout (\S+), teacher (\S+), update (\S+), "
-                       r"other (\S+)")
+                       r"clip (\S+)  beta (\S+)  grad (\S+)  \| (\S+) s/step: rollout (\S+), teacher (\S+), "
+                       r"update (\S+), other (\S+)")
 
 
 def test_stdout_shows_progress_paths_and_one_line_per_step(pair, tmp_path, capsys):
@@ -75,8 +75,9 @@ def test_stdout_shows_progress_paths_and_one_line_per_step(pair, tmp_path, capsy
         assert float(m.group(6)) == pytest.approx(rec["kd_term"], rel=1e-2)  # beta * kd, as it enters the loss
         assert float(m.group(7)) == pytest.approx(rec["kd_raw"], rel=1e-2)
         assert float(m.group(9)) == 0.5
-        split = [float(m.group(i)) for i in (11, 12, 13, 14)]
-        assert float(m.group(10)) == pytest.approx(sum(split), abs=0.26)  # each part is shown to 0.1 s
+        assert float(m.group(10)) == pytest.approx(rec["grad_norm"], rel=1e-2) and rec["grad_norm"] > 0
+        split = [float(m.group(i)) for i in (12, 13, 14, 15)]
+        assert float(m.group(11)) == pytest.approx(sum(split), abs=0.26)  # each part is shown to 0.1 s
         assert all(x >= 0 for x in split)  # shown to 0.1 s: a tiny model on an idle machine can show 0.0
         timed = [v for k, v in rec.items() if k.startswith("time_") and k != "time_step"]
         assert timed and all(v > 0 for v in timed)  # the phases behind the split were timed
@@ -100,7 +101,7 @@ def test_step_line_for_objectives_without_a_kd_term():
     m = {"reward_mean": 0.5, "accuracy": 0.5, "len_mean": 12.25, "clip_frac": 0.0, "beta": 0.0,
          "time_generation": 1.0, "time_grading": 0.5, "time_student_fwd_bwd": 2.0, "time_weight_sync": 0.25}
     line = step_line(3, 10, m)
-    assert line == ("step 3/10  reward 0.500  acc 0.500  len 12.2  beta*kd -  clip 0.000  beta 0  "
+    assert line == ("step 3/10  reward 0.500  acc 0.500  len 12.2  beta*kd -  clip 0.000  beta 0  grad -  "
                     "| 3.8 s/step: rollout 1.5, teacher 0.0, update 2.0, other 0.2")
     assert "beta*kd - (k2 to teacher 0.3)" in step_line(1, 1, {**m, "k2": 0.3})  # trrd: the teacher is in the ratio
 
@@ -224,3 +225,26 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_bitwise(pair, tmp_path,
         if not p.requires_grad:
             assert torch.equal(p, base[n]), n
     json.loads((latest_checkpoint(tmp_path / "b") / "state.json").read_text())  # complete
+
+
+def test_smoke_config_pairs_the_student_with_a_different_teacher():
+    """teacher = student made the smoke run's KD term and gradient exactly 0: it must pair two different models."""
+    from pathlib import Path
+    from kdrl.config import loss_config
+    from kdrl.models import REGISTRY
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml")
+    assert cfg.model.teacher and cfg.model.teacher != cfg.model.student
+    assert {cfg.model.student, cfg.model.teacher} <= set(REGISTRY)  # offline: both come from the package registry
+    lc = loss_config(cfg)
+    assert lc.needs_teacher and lc.beta > 0 and cfg.run.steps >= 2
+
+
+@pytest.mark.slow
+def test_smoke_run_moves_the_student(tmp_path):
+    """One step of configs/smoke.yaml (the Qwen pair, 1.6 GB fetched once): non-zero KD signal and gradient."""
+    from pathlib import Path
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml",
+                      [f"run.output_dir={tmp_path}", "run.steps=1", "run.plot=false", "run.progress=false"])
+    Trainer(cfg).run()
+    (rec,) = read_metrics(tmp_path / "metrics.jsonl")
+    assert rec["k2"] > 0.05 and rec["exact_kl"] > 0.01 and rec["grad_norm"] > 0, rec
