@@ -99,3 +99,16 @@ def test_vllm_teacher_matches_the_torch_teacher(tmp_path):
     assert got.shape == want.shape and got.dtype == torch.float32
     assert bool((got[~batch.mask] == 0).all())
     assert float((got - want).abs().max()) < 2e-3, (got, want)
+
+
+def test_teacher_timing_script_checks_its_arguments_and_says_what_it_needs():
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).parent.parent / "scripts" / "teacher_timing.py"
+    bad = subprocess.run([sys.executable, str(script), "--responses", "7", "--group", "4"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "--responses must be a multiple of --group" in bad.stderr
+    if not vllm_available():
+        run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "bash scripts/setup_eval.sh" in run.stderr
