@@ -162,16 +162,30 @@ class HFGenerator:
                 "transformers": transformers.__version__}
 
 
+def cpu_engine_defaults() -> None:
+    """Environment defaults for vLLM's CPU backend, set before the engine starts; a user's own settings win.
+
+    ``VLLM_CPU_KVCACHE_SPACE=2`` (GiB of RAM for the KV cache). On machines with at most 2 cores,
+    ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``: vLLM keeps one core for its scheduler process, which on 2 cores leaves its
+    worker one thread; measured here (2 cores, 0.5B, GSM8K, 32 prompts in batches of 16) 77 tok/s with the core
+    reserved and 120 tok/s without.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if (os.cpu_count() or 1) <= 2:
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
+
 class VLLMGenerator:
     """vLLM offline engine (enforce_eager: on CPU the engine starts in ~30 s instead of 80-116 s, same speed).
 
-    On CPU the KV cache lives in RAM: `VLLM_CPU_KVCACHE_SPACE` (GiB) defaults to 2 here unless set.
+    On CPU the KV cache lives in RAM: `VLLM_CPU_KVCACHE_SPACE` (GiB) defaults to 2 here unless set; see
+    :func:`cpu_engine_defaults`.
     Extra keyword arguments go to `vllm.LLM` (e.g. max_model_len).
     """
     backend = "vllm"
 
     def __init__(self, model_path, *, dtype: str = "bfloat16", seed: int = 0, progress: bool = True, **llm_kw):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        cpu_engine_defaults()
         from vllm import LLM
 
         self.model_path = resolve_model(model_path, progress=progress)

@@ -13,8 +13,6 @@ requires ``rollout.temperature=1`` (the loss temperature; see ``kdrl.config.loss
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from kdrl.models import resolve_model
@@ -47,8 +45,10 @@ class VLLMTeacher:
     """
 
     def __init__(self, model_path, *, dtype: str = "bfloat16", seed: int = 0, progress: bool = True, **llm_kw):
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         from vllm import LLM
+
+        from kdrl.generation import cpu_engine_defaults
+        cpu_engine_defaults()
 
         from kdrl.proc import start_watchdog
         self.model_path = resolve_model(model_path, progress=progress)
