@@ -55,3 +55,36 @@ def test_correctness_reward_gives_a_truncated_completion_no_fallback_credit():
     assert correctness_reward(texts, answers, truncated=[True, True]) == [0.0, 1.0]  # only the closed box counts
     assert correctness_reward(texts, answers, truncated=[False, False]) == [1.0, 1.0]
     assert correctness_reward(texts, answers) == [1.0, 1.0]  # a plain GRPOTrainer passes no flags: finished
+
+
+def test_teacher_equal_to_student_gives_zero_kl_at_a_temperature(tmp_path):
+    """The temperature contract on the TRL path: TRL samples at T, the subclass scores student and teacher at T, so
+    a teacher identical to the student gives k1 = k2 = k3 = exact KL = 0 (the trainer's own test is in
+    test_train_findings.py)."""
+    import copy
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig
+
+    from kdrl.trl_integration import KDRLGRPOTrainer
+    from kdrl_kernels import KDRLConfig
+
+    student_dir, _ = make_tiny_pair(tmp_path / "models")
+    model = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    teacher = copy.deepcopy(model).eval()
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)}
+                              for i in range(4)])
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=8, max_steps=1, learning_rate=0.0, use_cpu=True, report_to=[],
+                      logging_steps=1, save_strategy="no", bf16=False, seed=0, temperature=0.7)
+    trainer = KDRLGRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(i % 2) for i in
+                                                                                     range(len(completions))],
+                              args=args, train_dataset=data, processing_class=tok, teacher_model=teacher,
+                              kdrl_config=KDRLConfig(objective="kdrl", beta=0.5, temperature=0.7, log_exact_kl=True))
+    trainer.train()
+    (logged,) = [h for h in trainer.state.log_history if "kdrl/k2" in h]
+    for key in ("kdrl/k1", "kdrl/k2", "kdrl/k3", "kdrl/exact_kl"):
+        assert abs(logged[key]) < 1e-5, (key, logged)
+    assert logged["kdrl/clip_frac"] == 0.0
