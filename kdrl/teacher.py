@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from kdrl.models import resolve_model
 from kdrl.rollout import RolloutBatch
 
 __all__ = ["VLLMTeacher", "response_logprobs", "serve_teacher"]
@@ -45,16 +44,8 @@ class VLLMTeacher:
     """
 
     def __init__(self, model_path, *, dtype: str = "bfloat16", seed: int = 0, progress: bool = True, **llm_kw):
-        from vllm import LLM
-
-        from kdrl.generation import cpu_engine_defaults
-        cpu_engine_defaults()
-
-        from kdrl.proc import start_watchdog
-        self.model_path = resolve_model(model_path, progress=progress)
-        llm_kw.setdefault("enforce_eager", True)
-        start_watchdog()
-        self.llm = LLM(model=str(self.model_path), dtype=dtype, seed=seed, **llm_kw)
+        from kdrl.generation import start_engine
+        self.model_path, self.llm = start_engine(model_path, dtype=dtype, seed=seed, progress=progress, **llm_kw)
         self.tokenizer = self.llm.get_tokenizer()
 
     @torch.no_grad()
