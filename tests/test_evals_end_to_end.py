@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from _evals_tiny_model import make_tiny_model
+from test_evals_proc import sigint_default
 from evals.run import main as run_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +138,7 @@ def test_interrupt_exits_cleanly_and_keeps_samples(tiny_model, tmp_path, sig, co
     proc = subprocess.Popen([sys.executable, str(REPO / "evals" / "run.py"), "--model", str(tiny_model), "--backend",
                              "hf", "--tasks", "gsm8k", "--limit", "1000", "--max-new-tokens", "4", "--chunk-size", "2",
                              "--output-dir", str(out), "--run-name", "int", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_default)
     samples = out / "int" / "samples" / "gsm8k.jsonl"
     board = out / "leaderboard.md"
     deadline = time.monotonic() + 300

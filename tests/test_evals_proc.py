@@ -26,6 +26,12 @@ while True:
 """
 
 
+def sigint_default():
+    """Popen preexec_fn: a suite started in the background inherits SIGINT ignored, and Python then never raises
+    KeyboardInterrupt; the process under test must see the SIGINT a user's Ctrl-C sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -40,7 +46,8 @@ def _alive(pid):
 def test_descendants_die_with_parent(sig):
     from kdrl.proc import descendants
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, env=env)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True, env=env,
+                              preexec_fn=sigint_default)
     assert parent.stdout.readline().strip() == "ready"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # watchdog + child + grandchild
