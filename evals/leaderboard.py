@@ -68,6 +68,14 @@ def _model_label(run: dict) -> str:
     return Path(model).name if model.startswith(("/", ".", "~")) else model
 
 
+def _weights(run: dict) -> str:
+    """Short weights label for the table ("4-bit GGUF Q4_K_M -> bf16"); the full source is in results.json."""
+    src = run.get("model_source", "?")
+    if "GGUF" in src and "dequantized to bf16" in src:
+        return src.split(" (")[0] + " -> bf16"
+    return src
+
+
 def _cell(m: dict | None) -> str:
     if m is None:
         return "-"
@@ -82,7 +90,7 @@ def _rows(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     for r in runs:
         avg = r["average"]
         tpc = avg.get("tokens_per_correct")
-        rows.append([_model_label(r), r.get("model_source", "?"), _setting(r)] + [_cell(r["tasks"].get(t)) for t in cols]
+        rows.append([_model_label(r), _weights(r), _setting(r)] + [_cell(r["tasks"].get(t)) for t in cols]
                     + [_cell(avg), _at_k(avg, "pass_at_k"), _at_k(avg, "maj_at_k"), str(avg["n_tasks"]),
                        f"{avg['mean_tokens']:.0f}", f"{tpc:.0f}" if tpc else "-"])
     return header, rows
@@ -167,15 +175,20 @@ def plot_scatter(runs: list[dict], path: str | Path) -> Path:
 
     points = [(r["average"]["mean_tokens"], 100 * r["average"]["accuracy"]) for r in runs]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    right = max(x for x, _ in points)
     for r, (x, y) in zip(runs, points):
         ax.errorbar(x, y, yerr=100 * r["average"]["accuracy_stderr"], fmt="o", capsize=3)
-        ax.annotate(f"{_model_label(r)} ({_setting(r)})", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        # Labels of points in the right half go to their left; kept out of tight_layout, which would otherwise
+        # shrink the axes to make room for long labels.
+        left_side = x > right / 2
+        ax.annotate(f"{_model_label(r)} ({_setting(r)})", (x, y), textcoords="offset points", fontsize=7,
+                    xytext=(-6 if left_side else 6, 5), ha="right" if left_side else "left").set_in_layout(False)
     front = pareto_front(points)
-    if front:
+    if len(front) > 1:
         ax.step([points[i][0] for i in front], [points[i][1] for i in front], where="post", color="gray",
                 linestyle="--", label="Pareto front")
         ax.legend(loc="lower right", fontsize=8)
-    ax.margins(x=0.25, y=0.1)  # room for the labels right of the points
+    ax.margins(x=0.1, y=0.15)
     ax.set_xlim(left=0)  # from 0: a zoomed axis makes a 14-token difference look large
     ax.set_xlabel("mean response tokens (average over tasks)")
     ax.set_ylabel("average accuracy (%)")
@@ -191,8 +204,11 @@ def plot_scatter(runs: list[dict], path: str | Path) -> Path:
 def html_page(runs: list[dict], png_name: str | None = "leaderboard.png") -> str:
     header, rows = _rows(runs)
     esc = html.escape
-    table = ["<table>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
-    table += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
+    table = ["<table class='board'>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    for run, row in zip(runs, rows):
+        cells = [f"<td title='{esc(run.get('model_source', '?'))}'>{esc(c)}</td>" if i == 1 else f"<td>{esc(c)}</td>"
+                 for i, c in enumerate(row)]
+        table.append("<tr>" + "".join(cells) + "</tr>")
     table.append("</table>")
     details = ["<table>", "<tr><th>run</th><th>task</th><th>accuracy</th><th>pass@k</th><th>maj@k</th><th>mean tokens "
                "(correct / incorrect)</th><th>truncated</th><th>boxed</th><th>tokens/correct</th><th>tok/s</th></tr>"]
@@ -213,12 +229,14 @@ def html_page(runs: list[dict], png_name: str | None = "leaderboard.png") -> str
         details.append(f"<h2>Baseline comparisons</h2><ul>{cmp_}</ul>")
     img = f'<p><img src="{esc(png_name)}" alt="accuracy vs mean tokens"></p>' if png_name else ""
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,th:first-child{text-align:left}")
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}"
+             "table.board td:nth-child(-n+3),table.board th:nth-child(-n+3),td:first-child,th:first-child{text-align:left}"
+             "table{font-size:13px}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>kdrl math leaderboard</title>"
             f"<style>{style}</style></head><body><h1>Math leaderboard</h1>"
             f"<p>Accuracy in % ± standard error over problems. Settings per row; averages over the tasks of each run. "
-            f"Weights column: registry models are 4-bit GGUF files dequantized to bf16; their scores are not "
-            f"comparable with published full-precision numbers. pass@k: unbiased estimate that one of k samples is "
+            f"Weights column: registry models are 4-bit GGUF files dequantized to bf16 (hover for the source); "
+            f"their scores are not comparable with published full-precision numbers. pass@k: unbiased estimate that one of k samples is "
             f"right; maj@k: the most common answer among the first k samples is right. PARTIAL: a run still going; "
             f"its scores cover the problems finished so far."
             f"</p>{''.join(table)}{img}<h2>Per task</h2>{''.join(details)}</body></html>\n")

@@ -120,3 +120,29 @@ def test_partial_run_is_marked(out_dir):
     assert "still going" in md.read_text()
     teacher = next(line for line in md.read_text().splitlines() if "qwen-1.5b" in line)
     assert "PARTIAL" not in teacher
+
+
+def _chromium():
+    import shutil
+    return next((shutil.which(b) for b in ("chromium-headless-shell", "chromium", "chromium-browser",
+                                            "google-chrome") if shutil.which(b)), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (apt-get install chromium-headless-shell)")
+def test_page_renders_in_headless_chromium(out_dir, tmp_path):
+    """The HTML page as a browser draws it: a screenshot with the table text and the embedded plot in it."""
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+    _, page, _ = write_leaderboard(out_dir)
+    shot = tmp_path / "page.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    "--window-size=1400,1000", f"--screenshot={shot}", page.as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    rgb = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert rgb.shape == (1000, 1400, 3)
+    assert (rgb.mean(2) < 128).mean() > 0.01, "the page rendered (almost) blank"
+    # The text is black and grey; only the plot's markers are coloured (matplotlib's blue, orange, green).
+    coloured = (rgb.max(2) - rgb.min(2)) > 80
+    assert coloured.sum() > 50, "the embedded plot was not drawn"
