@@ -10,16 +10,20 @@ Precision policy (the backend contract: logits are never rounded to a low-precis
   The target column is then recomputed exactly (an fp32 dot per row): measured against float64 at V = 151,936,
   T = 0.7, the log-prob error falls from 1e-2..1e-1 (bf16 logits) to at most ~2e-5 (fp32 GEMM: ~2e-6).
   The gradient matmuls take ``dz`` rounded to bf16, as bf16 autograd and the Triton kernels do; ``dW`` is summed
-  over chunks in fp32.
+  over chunks by the GEMM into the bf16 gradient, folded into fp32 every few chunks (``chunked._Accumulator``).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["Head", "add_bf16_"]
+__all__ = ["Head", "add_bf16_", "compensated"]
 
-_DW_SLAB = 8192   # vocabulary rows per bf16 dW product: a (slab, d) scratch instead of a second (V, d) one
 _ADD_ROWS = 8     # rows per fp32 staging slab of add_bf16_
+
+
+def compensated(weight) -> bool:
+    """bf16 weights on CPU take the compensated bf16 path (logits here, dW accumulation in chunked._Accumulator)."""
+    return weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
 
 
 def add_bf16_(dst, src, staging):
@@ -39,7 +43,7 @@ class Head:
     """weight ``(V, d)``, bias ``(V,)`` or None, for chunks of hidden ``(c, d)`` in the weight's dtype."""
 
     def __init__(self, weight, bias, temperature=1.0):
-        self.compensated = weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+        self.compensated = compensated(weight)
         self.weight = weight if self.compensated else weight.float()
         self.bias = None if bias is None else bias.float()
         self.temperature = temperature
@@ -86,12 +90,4 @@ class Head:
         if grad_hidden is not None:
             grad_hidden[idx] = (dzb @ self.weight).to(grad_hidden.dtype)
         if grad_weight32 is not None:
-            vocab, width = dz.shape[1], h.shape[1]
-            slab = min(_DW_SLAB, vocab)
-            scratch = ws.scratch("dw", (slab, width), torch.bfloat16)
-            staging = ws.scratch("stage_dw", (_DW_SLAB // 8, width), torch.float32)
-            for v0 in range(0, vocab, slab):
-                rows = slice(v0, min(v0 + slab, vocab))
-                part = torch.mm(dzb[:, rows].T, h, out=scratch[:rows.stop - v0])
-                grad_weight32.add_part(rows, part, staging)
-            grad_weight32.end_chunk()
+            grad_weight32.add_product(dzb.T, h)

@@ -94,3 +94,45 @@ def test_single_pass_loss_statistics_match_fp32_quality():
     low = torch.autograd.grad(objective(slice(None), b_s, None, b_kl), (hidden, weight))
     for name, o, r, l_ in zip(("grad_hidden", "grad_weight"), ours, ref, low):
         assert_close_to_gt(o, r, l_, bf16_grad_tol(r), name)
+
+
+@pytest.mark.parametrize("chunk", [3, 2])
+def test_weight_gradient_summed_over_chunks(chunk):
+    """dW of bf16 weights is summed by the GEMMs into the bf16 gradient and folded into fp32 every FOLD chunks:
+    8 chunks (chunk 3: exactly one fold at the end) and 12 (chunk 2: a fold mid-way and one at the end) stay within
+    the bf16 gradient rule of a single chunk, against float64, with k2-to-teacher-like random coefficients."""
+    from kdrl_kernels.chunked import _Accumulator
+    assert -(-24 // 3) == _Accumulator.FOLD
+    hidden, weight, targets = make(seed=7)
+    coef = torch.randn(hidden.shape[0], generator=torch.Generator().manual_seed(8))
+    params = FusedLossParams(lambda rows, s, t, kl: (coef[rows] * s).sum(), T, chunk)
+    loss, _ = FusedPolicyLoss.apply(hidden, weight, None, targets, TeacherInputs(), params)
+    ours = torch.autograd.grad(loss, (hidden, weight))
+    gt_s = reference_logprobs(hidden, weight, targets, temperature=T)[0]
+    ref = torch.autograd.grad((coef * gt_s).sum(), (hidden, weight))
+    b_s = reference_logprobs(hidden, weight, targets, temperature=T, dtype=None)[0].float()
+    low = torch.autograd.grad((coef * b_s).sum(), (hidden, weight))
+    for name, o, r, l_ in zip(("grad_hidden", "grad_weight"), ours, ref, low):
+        assert o.dtype == torch.bfloat16
+        assert_close_to_gt(o, r, l_, bf16_grad_tol(r), name)
+
+
+def test_accumulator_modes():
+    """The accumulator's bookkeeping: nothing added gives zeros; FOLD, FOLD + 1 and 2 * FOLD + 3 products give their
+    sum (fp32 master folded in); fp32 weights keep an fp32 sum."""
+    from kdrl_kernels.chunked import _Accumulator
+    g = torch.Generator().manual_seed(9)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = torch.zeros(40, 6, dtype=dtype)
+        assert float(_Accumulator(w).result().abs().max()) == 0.0
+        for k in (1, _Accumulator.FOLD, _Accumulator.FOLD + 1, 2 * _Accumulator.FOLD + 3):
+            acc = _Accumulator(w)
+            parts = [(torch.randn(40, 5, generator=g).to(dtype), torch.randn(5, 6, generator=g).to(dtype))
+                     for _ in range(k)]
+            for a, b in parts:
+                acc.add_product(a, b)
+            out = acc.result()
+            exact = sum(a.double() @ b.double() for a, b in parts)
+            assert out.dtype == (dtype if dtype == torch.bfloat16 else torch.float32)
+            rtol = 2.0 ** -8 * (k ** 0.5 if dtype == torch.bfloat16 else 1e-4)
+            assert float((out.double() - exact).abs().max()) <= rtol * float(exact.abs().max()) * 4, (dtype, k)
