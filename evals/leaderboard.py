@@ -204,13 +204,13 @@ def plot_scatter(runs: list[dict], path: str | Path) -> Path:
 def html_page(runs: list[dict], png_name: str | None = "leaderboard.png") -> str:
     header, rows = _rows(runs)
     esc = html.escape
-    table = ["<table class='board'>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
+    table = ["<div class='wide'><table class='board'>", "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>"]
     for run, row in zip(runs, rows):
         cells = [f"<td title='{esc(run.get('model_source', '?'))}'>{esc(c)}</td>" if i == 1 else f"<td>{esc(c)}</td>"
                  for i, c in enumerate(row)]
         table.append("<tr>" + "".join(cells) + "</tr>")
-    table.append("</table>")
-    details = ["<table>", "<tr><th>run</th><th>task</th><th>accuracy</th><th>pass@k</th><th>maj@k</th><th>mean tokens "
+    table.append("</table></div>")
+    details = ["<div class='wide'><table>", "<tr><th>run</th><th>task</th><th>accuracy</th><th>pass@k</th><th>maj@k</th><th>mean tokens "
                "(correct / incorrect)</th><th>truncated</th><th>boxed</th><th>tokens/correct</th><th>tok/s</th></tr>"]
     for r in runs:
         for t, m in r["tasks"].items():
@@ -223,13 +223,13 @@ def html_page(runs: list[dict], png_name: str | None = "leaderboard.png") -> str
                 r["run_name"], t, _cell(m), pk, mk, f"{m['mean_tokens']:.0f} ({tc or 0:.0f} / {ti or 0:.0f})",
                 f"{100 * m['truncation_rate']:.0f}%", f"{100 * m['boxed_rate']:.0f}%",
                 f"{tpc:.0f}" if tpc else "-", tps if tps else "-")) + "</tr>")
-    details.append("</table>")
+    details.append("</table></div>")
     cmp_ = "".join(f"<li>{esc(c)}</li>" for c in _comparison_lines(runs))
     if cmp_:
         details.append(f"<h2>Baseline comparisons</h2><ul>{cmp_}</ul>")
     img = f'<p><img src="{esc(png_name)}" alt="accuracy vs mean tokens"></p>' if png_name else ""
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right;white-space:nowrap}"
+             "div.wide{overflow-x:auto}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}"
              "table.board td:nth-child(-n+3),table.board th:nth-child(-n+3),td:first-child,th:first-child{text-align:left}"
              "table{font-size:13px}img{max-width:100%}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>kdrl math leaderboard</title>"
