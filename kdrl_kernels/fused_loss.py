@@ -93,7 +93,7 @@ def _chunk_step(ws, idx, hidden, targets, head, teacher, teacher_head, params, s
     p = torch.exp(logp, out=ws.take("p", idx.numel())) if keep_logp else logp.exp_()
     kl = None
     if params.need_exact_kl:
-        diff = logq.neg_().add_(logp)  # log p - log q, in the teacher's buffer
+        diff = torch.sub(logp, logq, out=logq)  # log p - log q, in the teacher's buffer
         kl = rowdot(p, diff)
         stats[2, idx] = kl
     if params.need_entropy:
