@@ -2,7 +2,7 @@
 exactly, against float64, beside the fp32 GEMM, on the precision test's flat / bench-like / spread-out / peaked rows
 (V = 151,936, T = 0.7). Prints the max error per row kind of the target log-prob, the entropy and the exact reverse KL.
 
-    python scripts/bf16_topk_probe.py        # about 1 minute on 2 cores
+    python scripts/bf16_topk_probe.py        # seconds to a minute on 2 cores
 """
 import sys
 from pathlib import Path
