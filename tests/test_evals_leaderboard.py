@@ -122,6 +122,20 @@ def test_partial_run_is_marked(out_dir):
     assert "PARTIAL" not in teacher
 
 
+def test_plot_axes_start_at_zero(out_dir, monkeypatch):
+    """Neither axis zooms: tokens and accuracy start at 0, and the highest error bar fits."""
+    from matplotlib.figure import Figure
+    seen = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (seen.append(self.axes[0]), save(self, *a, **k)))
+    write_leaderboard(out_dir)
+    (ax,) = seen
+    assert ax.get_xlim()[0] == 0 and ax.get_ylim()[0] == 0
+    runs = load_runs(out_dir)
+    top = max(100 * (r["average"]["accuracy"] + r["average"]["accuracy_stderr"]) for r in runs)
+    assert ax.get_ylim()[1] > top
+
+
 def _chromium():
     import shutil
     return next((shutil.which(b) for b in ("chromium-headless-shell", "chromium", "chromium-browser",
