@@ -24,7 +24,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from evals.runner import record_truncated  # noqa: E402
-from kdrl.grading import _boxes, _top_level_boxes, extract_answer, grade_many, sci_to_latex  # noqa: E402
+from kdrl.grading import find_boxes, top_level_boxes, extract_answer, grade_many, sci_to_latex  # noqa: E402
 
 __all__ = ["math_verify_alone", "reason", "run_agreement"]
 
@@ -42,12 +42,12 @@ def math_verify_alone(response: str, gold: str) -> bool:
 
 def reason(response: str, truncated: bool) -> str:
     """Why our reading of `response` may differ from Math-Verify's (first matching rule of the docstring)."""
-    boxes = _boxes(response)
+    boxes = find_boxes(response)
     if any(inner is None for _, _, inner in boxes):
         return "unclosed box"
     if truncated and not boxes:
         return "truncated, no box"
-    if len(_top_level_boxes(response) or []) >= 2:
+    if len(top_level_boxes(response) or []) >= 2:
         return "several boxes"
     return "no box" if not boxes else "same box"
 

@@ -20,8 +20,8 @@ import re
 
 from kdrl.verify_pool import VerifierPool, shared_pool
 
-__all__ = ["answer_candidates", "extract_answer", "extract_boxed", "gold_items", "grade", "grade_many",
-           "normalize_answer", "quick_match", "sci_to_latex"]
+__all__ = ["answer_candidates", "extract_answer", "extract_boxed", "find_boxes", "gold_items", "grade", "grade_many",
+           "normalize_answer", "quick_match", "sci_to_latex", "top_level_boxes"]
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_IS = re.compile(r"the (?:final )?answer is[:\s]*", re.IGNORECASE)
@@ -42,7 +42,7 @@ def _braced(text: str, start: int) -> str | None:
     return None
 
 
-def _boxes(text: str) -> list[tuple[int, int, str | None]]:
+def find_boxes(text: str) -> list[tuple[int, int, str | None]]:
     """(start, end, content) of every `\\boxed`/`\\fbox` in order, nested ones included; content None for an
     unfinished box: a `{` that never closes, or `\\boxed` at the very end of the text. `\\boxed 5` is a box."""
     out = []
@@ -65,16 +65,16 @@ def extract_boxed(text: str) -> str | None:
     None when there is no box, or when any box is unfinished: an unclosed box runs to the end of the text, so it
     is the model's final answer and that answer is incomplete (an earlier closed box is not its answer either).
     """
-    boxes = _boxes(text)
+    boxes = find_boxes(text)
     if not boxes or any(inner is None for _, _, inner in boxes):
         return None
     return boxes[-1][2]
 
 
-def _top_level_boxes(text: str) -> list[str] | None:
+def top_level_boxes(text: str) -> list[str] | None:
     """Contents of the boxes not nested in another box, in order; None if any box is unfinished."""
     out, covered = [], -1
-    for start, end, inner in _boxes(text):
+    for start, end, inner in find_boxes(text):
         if inner is None:
             return None
         if start >= covered:
@@ -96,7 +96,7 @@ def extract_answer(text: str, *, truncated: bool) -> str | None:
         raise TypeError(f"extract_answer: text must be str, got {type(text).__name__}")
     if not isinstance(truncated, bool):
         raise TypeError(f"extract_answer: truncated must be a bool, got {type(truncated).__name__}")
-    boxes = _boxes(text)
+    boxes = find_boxes(text)
     if boxes:
         return extract_boxed(text)  # None if a box is unfinished: no fallback reads inside it
     if truncated:
@@ -143,7 +143,7 @@ def answer_candidates(text: str, gold: str, *, truncated: bool) -> list[str]:
         return []  # no answer, or an unfinished box: no joined boxes either
     out = [first]
     k = len(gold_items(gold))
-    boxes = _top_level_boxes(text) if k >= 2 else None
+    boxes = top_level_boxes(text) if k >= 2 else None
     if boxes and len(boxes) >= k:
         joined = ", ".join(boxes[-k:])
         if joined != first:

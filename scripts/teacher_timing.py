@@ -6,7 +6,7 @@
 (a) ``model.teacher_backend=hf``: the teacher's final hidden states in micro-batches, then
     ``fused_linear_logprobs`` (what ``Trainer.teacher_signal`` does when the exact KL is not logged);
 (b) ``model.teacher_backend=vllm``: one ``prompt_logprobs`` request per response to a vLLM engine
-    (``kdrl.teacher.VLLMTeacher``).
+    (``kdrl.trainer.teacher.VLLMTeacher``).
 The batch is GSM8K-train prompts in the chat template with their reference solutions as responses, cut or
 repeated to ``--tokens`` tokens (the scoring cost depends on lengths, not on who wrote the tokens). Each path is
 warmed up once and timed ``--repeats`` times; medians are printed. Needs vLLM (``bash scripts/setup_eval.sh``).
@@ -22,7 +22,7 @@ import time
 def build_batch(tokenizer, n: int, tokens: int, group: int):
     from kdrl.data import load_task
     from kdrl.prompts import build_messages
-    from kdrl.rollout import build_batch as pack
+    from kdrl.trainer.rollout import build_batch as pack
     problems = load_task("gsm8k_train", limit=n // group)
     prompts, groups = [], []
     for p in problems:
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     from kdrl.generation import vllm_available
     from kdrl.models import load_model_and_tokenizer, resolve_model
-    from kdrl.train import hidden_states
+    from kdrl.trainer.step import hidden_states
     from kdrl_kernels import fused_linear_logprobs
     if not vllm_available():
         print("teacher_timing: vLLM is not importable; set it up with `bash scripts/setup_eval.sh`", file=sys.stderr)
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     print(f"hf   (torch {torch.__version__}, {args.threads} threads, micro-batch {args.micro_batch}): "
           f"{t_hf:.2f} s median of {[round(t, 2) for t in all_hf]}", flush=True)
     del model
-    from kdrl.teacher import VLLMTeacher
+    from kdrl.trainer.teacher import VLLMTeacher
     t0 = time.perf_counter()
     engine = VLLMTeacher(path, dtype="bfloat16", progress=False)
     start = time.perf_counter() - t0

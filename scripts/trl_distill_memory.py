@@ -1,10 +1,10 @@
-"""Peak memory of one distillation loss step: TRL 1.16's own loss against ``kdrl.trl_distill``'s, same inputs.
+"""Peak memory of one distillation loss step: TRL 1.16's own loss against ``kdrl.integrations.trl_distill``'s, same inputs.
 
     python scripts/trl_distill_memory.py                       # defaults below; one JSON line per measurement
     python scripts/trl_distill_memory.py --tokens 4096 --dtypes float32 --betas 0.5
 
 What is measured: the loss function each trainer calls on the backbones' outputs (TRL:
-``trl.trainer.distillation_trainer._chunked_divergence_loss``; ours: ``kdrl.trl_distill.hidden_state_divergence``,
+``trl.trainer.distillation_trainer._chunked_divergence_loss``; ours: ``kdrl.integrations.trl_distill.hidden_state_divergence``,
 the divergence plus the entropy TRL logs), forward and backward, with the student's final hidden states ``(B, T, d)``
 and lm_head weight as leaves that want gradients and the teacher's ``(B, T, d_t)`` and lm_head without. The backbones
 themselves are not run (the same for both). Method as ``bench/memory.py``: each (implementation, dtype, beta) in a
@@ -60,7 +60,7 @@ def child(impl, dtype_name, beta, tokens, vocab, d_student, d_teacher, temperatu
             loss.backward()
             return loss
     else:
-        from kdrl.trl_distill import hidden_state_divergence
+        from kdrl.integrations.trl_distill import hidden_state_divergence
 
         def step():
             loss, _, _ = hidden_state_divergence(s_hidden, s_weight, t_hidden, t_weight, mask, beta=beta,

@@ -16,7 +16,7 @@ def main(student_dir, teacher_dir, out_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from kdrl.trl_integration import KDRLGRPOTrainer
+    from kdrl.integrations.trl_grpo import KDRLGRPOTrainer
     from kdrl_kernels import KDRLConfig
 
     load = (lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32))  # noqa: E731

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from kdrl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from kdrl.config import describe, load_config
-from kdrl.logging import MetricsLogger, read_metrics
-from kdrl.rollout import PromptSampler, build_batch, rollout_metrics
+from kdrl.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kdrl.trainer.config import describe, load_config
+from kdrl.trainer.logging import MetricsLogger, read_metrics
+from kdrl.trainer.rollout import PromptSampler, build_batch, rollout_metrics
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -38,7 +38,7 @@ def test_every_field_is_documented():
 
 def test_shipped_configs_load():
     from pathlib import Path
-    from kdrl.config import loss_config
+    from kdrl.trainer.config import loss_config
     configs = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
     assert len(configs) >= 7
     for path in configs:

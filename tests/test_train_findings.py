@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from _train_tiny import make_tiny_pair, one_thread  # noqa: F401
-from kdrl.config import load_config, loss_config
-from kdrl.train import Trainer, backward_microbatches, main
+from kdrl.trainer.config import load_config, loss_config
+from kdrl.train import main
+from kdrl.trainer.loop import Trainer
+from kdrl.trainer.step import backward_microbatches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +94,7 @@ def test_beta_schedule_advances_once_per_rollout_step(pair, tmp_path):
 
 def test_group_all_wrong_is_decided_on_whole_groups_across_micro_batches(pair):
     from kdrl.models import load_model_and_tokenizer
-    from kdrl.rollout import build_batch
+    from kdrl.trainer.rollout import build_batch
     from kdrl_kernels import KDRLConfig, KDRLLoss
     model, _ = load_model_and_tokenizer(pair[0], dtype=torch.float32)
     teacher, _ = load_model_and_tokenizer(pair[1], dtype=torch.float32)
@@ -100,7 +102,7 @@ def test_group_all_wrong_is_decided_on_whole_groups_across_micro_batches(pair):
     responses = [[torch.randint(3, 200, (n,)).tolist() for n in (3, 4, 2, 5)] for _ in range(2)]
     correct = [[False, False, False, True], [False, False, False, False]]  # group 0 solved once, group 1 never
     batch = build_batch([[5, 6, 7], [8, 9]], responses, correct, [[False] * 4] * 2, pad_id=0)
-    from kdrl.train import hidden_states
+    from kdrl.trainer.step import hidden_states
     with torch.no_grad():
         th = hidden_states(teacher, batch)
     loss_fn = KDRLLoss(KDRLConfig(objective="kd", kd_mask="group_all_wrong", kl_estimator="k2"))
@@ -130,7 +132,7 @@ def test_resume_refuses_a_changed_config_unless_allowed(pair, tmp_path, capsys):
 
 
 def test_extending_a_cosine_run_counts_as_a_config_change():
-    from kdrl.train import config_changes
+    from kdrl.trainer.resume import config_changes
     saved = load_config(None, ["loss.objective=grpo", "run.steps=10"]).to_dict()
     longer = load_config(None, ["loss.objective=grpo", "run.steps=20"]).to_dict()
     assert config_changes(saved, longer) == {}  # a longer run may resume

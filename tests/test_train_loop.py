@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from _train_tiny import make_tiny_pair, one_thread  # noqa: F401
-from kdrl.config import load_config
-from kdrl.logging import read_metrics
-from kdrl.train import Trainer, main
+from kdrl.trainer.config import load_config
+from kdrl.trainer.logging import read_metrics
+from kdrl.train import main
+from kdrl.trainer.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

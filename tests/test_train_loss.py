@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from _train_tiny import make_tiny_pair, one_thread  # noqa: F401
-from kdrl.rollout import build_batch
-from kdrl.train import MasterWeights, backward_microbatches, hidden_states
+from kdrl.trainer.rollout import build_batch
+from kdrl.trainer.step import MasterWeights, backward_microbatches, hidden_states
 from kdrl_kernels import KDRLConfig, KDRLLoss, fused_linear_logprobs
 
 pytestmark = pytest.mark.usefixtures("one_thread")

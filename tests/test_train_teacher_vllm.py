@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from _train_tiny import make_tiny_pair
-from kdrl.config import load_config
+from kdrl.trainer.config import load_config
 from kdrl.generation import vllm_available
-from kdrl.teacher import response_logprobs
+from kdrl.trainer.teacher import response_logprobs
 
 SERVED = ["model.teacher=t", "model.teacher_backend=vllm", "loss.objective=kdrl", "loss.kl_estimator=k2",
           "loss.log_exact_kl=false"]
@@ -60,8 +60,8 @@ class TorchScorer:
 def test_trainer_takes_the_served_teachers_logprobs(tmp_path, monkeypatch):
     """With the engine replaced by a torch scorer, a step with the served teacher gives the hf route's k2 and loss,
     and the torch teacher is never loaded."""
-    from kdrl import teacher as served
-    from kdrl.train import Trainer
+    from kdrl.trainer import teacher as served
+    from kdrl.trainer.loop import Trainer
     student, teacher = make_tiny_pair(tmp_path / "pair", noise=0.5)
     common = [f"model.student={student}", f"model.teacher={teacher}", "model.dtype=float32", "data.limit=8",
               "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.max_new_tokens=6", "optim.lr=1e-3",
@@ -85,8 +85,8 @@ def test_trainer_takes_the_served_teachers_logprobs(tmp_path, monkeypatch):
 @pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
 def test_vllm_teacher_matches_the_torch_teacher(tmp_path):
     """The engine's prompt log-probs of sampled tokens equal the torch teacher's fp32 log-probs (fp32 weights)."""
-    from kdrl.rollout import build_batch
-    from kdrl.teacher import VLLMTeacher
+    from kdrl.trainer.rollout import build_batch
+    from kdrl.trainer.teacher import VLLMTeacher
     _, teacher = make_tiny_pair(tmp_path / "pair", noise=0.5, hidden=128, heads=2)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 200, (n,), generator=gen).tolist() for n in (5, 9)]

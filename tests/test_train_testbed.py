@@ -12,7 +12,7 @@ numbers to the third digit, so the slow GRPO gain is the task's, not the chain's
 """
 import torch
 
-from kdrl import testbed as tb
+from kdrl.testbed import experiment as tb
 
 
 def test_testbed_chain_moves_the_student(tmp_path):

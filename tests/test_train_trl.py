@@ -14,7 +14,7 @@ def test_trl_subclass_runs_steps_with_the_kdrl_loss(tmp_path, objective):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from kdrl.trl_integration import KDRLGRPOTrainer
+    from kdrl.integrations.trl_grpo import KDRLGRPOTrainer
     from kdrl_kernels import KDRLConfig
 
     student_dir, teacher_dir = make_tiny_pair(tmp_path / "models")
@@ -50,7 +50,7 @@ def test_trl_subclass_runs_steps_with_the_kdrl_loss(tmp_path, objective):
 
 
 def test_correctness_reward_gives_a_truncated_completion_no_fallback_credit():
-    from kdrl.trl_integration import correctness_reward
+    from kdrl.integrations.trl_grpo import correctness_reward
     texts, answers = ["so the answer is 5", "\\boxed{5}. Let me check"], ["5", "5"]
     assert correctness_reward(texts, answers, truncated=[True, True]) == [0.0, 1.0]  # only the closed box counts
     assert correctness_reward(texts, answers, truncated=[False, False]) == [1.0, 1.0]
@@ -67,7 +67,7 @@ def test_teacher_equal_to_student_gives_zero_kl_at_a_temperature(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig
 
-    from kdrl.trl_integration import KDRLGRPOTrainer
+    from kdrl.integrations.trl_grpo import KDRLGRPOTrainer
     from kdrl_kernels import KDRLConfig
 
     student_dir, _ = make_tiny_pair(tmp_path / "models")

@@ -48,7 +48,7 @@ def _make(cls, tiny, tmp_path, model=None, teacher="load", dtype=torch.float32, 
 def _pair(tiny, tmp_path, dtype=torch.float32, **overrides):
     from trl import DistillationTrainer
 
-    from kdrl.trl_distill import KDRLDistillationTrainer
+    from kdrl.integrations.trl_distill import KDRLDistillationTrainer
     model = _load(tiny[0], dtype)
     ours = _make(KDRLDistillationTrainer, tiny, tmp_path, model=copy.deepcopy(model), dtype=dtype, **overrides)
     return ours, _make(DistillationTrainer, tiny, tmp_path, model=model, dtype=dtype, **overrides)
@@ -114,7 +114,7 @@ def test_tool_mask_and_eval_normaliser_equal_trls(tiny, tmp_path):
 @pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
 def test_loss_equals_full_logits_reference(tiny, tmp_path, beta):
     """TRL's convention checked independently of TRL: the models' own full logits, softmaxed in float64."""
-    from kdrl.trl_distill import KDRLDistillationTrainer
+    from kdrl.integrations.trl_distill import KDRLDistillationTrainer
     from kdrl_kernels.reference import divergence_from_logprobs
 
     temperature = 0.7
@@ -135,7 +135,7 @@ def test_no_full_logits_forward_in_a_training_run(tiny, tmp_path, monkeypatch):
     """One optimizer step with on-policy generation: every lm_head call of student and teacher (generation
     included) sees one position per sequence, TRL's tiled divergence never runs, ours does, and the step logs a
     loss and the entropy."""
-    import kdrl.trl_distill as ours_module
+    import kdrl.integrations.trl_distill as ours_module
     import trl.trainer.distillation_trainer as trl_module
 
     def refuse(*args, **kwargs):
@@ -179,7 +179,7 @@ def test_bf16_close_to_trls(tiny, tmp_path, beta):
 
 
 def test_unsupported_setups_are_refused(tiny, tmp_path):
-    from kdrl.trl_distill import KDRLDistillationTrainer, divergence_kind
+    from kdrl.integrations.trl_distill import KDRLDistillationTrainer, divergence_kind
 
     with pytest.raises(ValueError, match="no local teacher_model"):
         _make(KDRLDistillationTrainer, tiny, tmp_path, teacher=None)

@@ -47,7 +47,7 @@ def _args(tmp_path, **overrides):
 
 
 def _ours(tiny, tmp_path, model=None, teacher=False, kdrl=None, **overrides):
-    from kdrl.trl_integration import KDRLGRPOTrainer
+    from kdrl.integrations.trl_grpo import KDRLGRPOTrainer
     from kdrl_kernels import KDRLConfig
     student_dir, teacher_dir, tok, data = tiny
     return KDRLGRPOTrainer(model=model if model is not None else _load(student_dir), reward_funcs=_reward,
@@ -170,7 +170,7 @@ def test_no_full_logits_forward_in_a_training_run(tiny, tmp_path, monkeypatch):
     does, and the KL is logged."""
     from trl import GRPOTrainer
 
-    from kdrl.trl_integration import KDRLGRPOTrainer
+    from kdrl.integrations.trl_grpo import KDRLGRPOTrainer
     from kdrl_kernels import KDRLConfig
 
     def refuse(*args, **kwargs):

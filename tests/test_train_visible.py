@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import load_file
 
 from _train_tiny import make_tiny_pair, one_thread  # noqa: F401
-from kdrl.checkpoint import checkpoint_bytes, latest_checkpoint, list_checkpoints
-from kdrl.config import RunConfig, load_config
-from kdrl.logging import read_jsonl, read_metrics, step_line
-from kdrl.train import Trainer, main
+from kdrl.trainer.checkpoint import checkpoint_bytes, latest_checkpoint, list_checkpoints
+from kdrl.trainer.config import RunConfig, load_config
+from kdrl.trainer.logging import read_jsonl, read_metrics, step_line
+from kdrl.train import main
+from kdrl.trainer.loop import Trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,7 +148,7 @@ def test_samples_are_saved_per_step_and_not_duplicated_by_a_resume(pair, tmp_pat
 
 # ---- 3. the plot's panels ----------------------------------------------------------------------------------------
 def test_plot_writes_a_png_with_beta_and_the_kd_term_on_their_own_axes(pair, tmp_path):
-    from kdrl.plot import main as plot_main, plot
+    from kdrl.trainer.plot import main as plot_main, plot
     out = tmp_path / "run"
     Trainer(load_config(None, settings(pair, out, steps=2) + ["loss.beta_schedule=linear", "loss.beta_decay=0.1"])).run()
     records = read_metrics(out / "metrics.jsonl")
@@ -183,7 +184,7 @@ def test_shipped_configs_do_not_checkpoint_the_smoke_run_every_step():
     for name in ("smoke.yaml", "cpu_gsm8k_lora.yaml"):
         cfg = load_config(root / name)
         assert cfg.run.save_every != 1, name
-        assert "keep_checkpoints" not in (root / name).read_text()  # the default lives in kdrl.config only
+        assert "keep_checkpoints" not in (root / name).read_text()  # the default lives in kdrl.trainer.config only
 
 
 def test_lora_checkpoint_holds_adapters_only_and_resumes_bitwise(pair, tmp_path, monkeypatch):
@@ -230,7 +231,7 @@ def test_lora_checkpoint_holds_adapters_only_and_resumes_bitwise(pair, tmp_path,
 def test_smoke_config_pairs_the_student_with_a_different_teacher():
     """teacher = student made the smoke run's KD term and gradient exactly 0: it must pair two different models."""
     from pathlib import Path
-    from kdrl.config import loss_config
+    from kdrl.trainer.config import loss_config
     from kdrl.models import REGISTRY
     cfg = load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml")
     assert cfg.model.teacher and cfg.model.teacher != cfg.model.student

@@ -1,4 +1,4 @@
-"""verl 0.9.1 integration (kdrl/verl_integration.py), on CPU, called through verl's own entry points.
+"""verl 0.9.1 integration (kdrl/integrations/verl_plugin.py), on CPU, called through verl's own entry points.
 
 Needs verl's environment (it cannot share ours: verl 0.9.1 pins transformers<5.11):
     bash scripts/setup_verl.sh
@@ -30,7 +30,7 @@ from verl.utils.experimental.torch_functional import FusedLinearForPPO  # noqa: 
 from verl.workers.config import DistillationConfig, DistillationLossConfig, FSDPActorConfig  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding  # noqa: E402
 
-import kdrl.verl_integration as vi  # noqa: E402
+import kdrl.integrations.verl_plugin as vi  # noqa: E402
 from kdrl_kernels import KDRLConfig, KDRLLoss, fused_linear_logprobs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -323,7 +323,7 @@ def test_config_from_environment(monkeypatch):
 
 
 def test_external_module_hook_registers_before_config_validation():
-    """`VERL_USE_EXTERNAL_MODULES=kdrl.verl_integration` (how a launch loads us): `import verl` alone registers
+    """`VERL_USE_EXTERNAL_MODULES=kdrl.integrations.verl_plugin` (how a launch loads us): `import verl` alone registers
     the losses and the backend, so the driver's DistillationLossConfig(loss_mode='kdrl') validates."""
     code = ("import verl\n"
             "from verl.workers.config import DistillationLossConfig\n"
@@ -331,10 +331,10 @@ def test_external_module_hook_registers_before_config_validation():
             "DistillationLossConfig(loss_mode='kdrl', use_policy_gradient=False, loss_max_clamp=None)\n"
             "DistillationLossConfig(loss_mode='kdrl_trrd', use_policy_gradient=False, use_task_rewards=False)\n"
             "assert hasattr(mp.patch_forward_with_backends, '_kdrl_original')\n"
-            "import kdrl.verl_integration as vi\n"
+            "import kdrl.integrations.verl_plugin as vi\n"
             "assert vi.get_config().beta == 0.004\n"
             "print('ok')\n")
-    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="kdrl.verl_integration", KDRL_VERL_CONFIG='{"beta": 0.004}',
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="kdrl.integrations.verl_plugin", KDRL_VERL_CONFIG='{"beta": 0.004}',
                PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

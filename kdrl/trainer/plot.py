@@ -1,4 +1,4 @@
-"""Plot a run's curves: ``python -m kdrl.plot runs/smoke`` (or ``runs/smoke/metrics.jsonl -o curves.png``).
+"""Plot a run's curves: ``python -m kdrl.trainer.plot runs/smoke`` (or ``runs/smoke/metrics.jsonl -o curves.png``).
 
 Nine panels, each with quantities of one scale on its own y axis: reward and accuracy; response length; where each
 step's time went (stacked bars); the KD term as it enters the loss (``beta * kd``); the raw KL estimates to the
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kdrl.logging import read_metrics
+from kdrl.trainer.logging import read_metrics
 
 # (title, y label, [(metric, legend label)]): one panel each, in reading order (3 x 3 with the time panel).
 PANELS = [
@@ -134,7 +134,7 @@ def _time_panel(ax, steps, records):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m kdrl.plot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kdrl.trainer.plot", description=__doc__.splitlines()[0])
     parser.add_argument("metrics", help="a run directory or the metrics.jsonl written by kdrl.train")
     parser.add_argument("-o", "--output", default=None, help="PNG path (default: curves.png next to the metrics)")
     parser.add_argument("--title", default=None, help="figure title (default: the run directory)")

@@ -6,216 +6,34 @@ else 0. A digit-level tokenizer (16 symbols) and tiny Llama models built from a 
 a teacher pre-trained by supervised learning to be good but imperfect, and a smaller student stopped early.
 
 From the same student every method runs through the trainer's own chain: batched sampling -> exact-match
-reward -> :func:`kdrl.rollout.build_batch` (group-normalised advantages) -> teacher hidden states ->
-:func:`kdrl.train.backward_microbatches` (``kdrl_kernels.KDRLLoss``, with the exact KL logged beside k1/k2/k3) ->
+reward -> :func:`kdrl.trainer.rollout.build_batch` (group-normalised advantages) -> teacher hidden states ->
+:func:`kdrl.trainer.step.backward_microbatches` (``kdrl_kernels.KDRLLoss``, with the exact KL logged beside k1/k2/k3) ->
 AdamW step. Held-out accuracy (greedy, and mean@8 at temperature 1) is measured every few steps. Results go to ``results/testbed/``
 (checkpoints of the pre-trained pair are cached there) and, with ``--docs``, to ``docs/testbed.md`` and
 ``docs/testbed.png``.
 """
 from __future__ import annotations
 
-import signal
-import sys
-import time
-
-_T0 = time.perf_counter()
-if __name__ == "__main__":
-    print("[kdrl.testbed +0.0s] starting: importing torch and transformers ...", flush=True)
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))  # Ctrl-C during the imports: no traceback
-
 import argparse
 import dataclasses
 import hashlib
 import json
-import math
-import random
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kdrl.rollout import PromptSampler, build_batch, rollout_metrics
-from kdrl.train import backward_microbatches, hidden_states, kd_groups_whole
+from kdrl.testbed.report import markdown_table, ordering, plot, summarise
+from kdrl.testbed.task import (EVAL_SAMPLES, INIT_STD, PAD, Problem, build_model, correct, evaluate, make_problems,
+                               sample, sft)
+from kdrl.trainer.rollout import PromptSampler, build_batch, rollout_metrics
+from kdrl.trainer.step import backward_microbatches, hidden_states, kd_groups_whole
 from kdrl_kernels import KDRLConfig, KDRLLoss
 
-__all__ = ["Problem", "TestbedConfig", "quick_config", "METHODS", "make_problems", "build_model", "pretrain_pair", "sample",
-           "evaluate", "rl_run", "run_table", "main"]
+__all__ = ["TestbedConfig", "quick_config", "METHODS", "datasets", "pretrain_pair", "rl_run", "run_table", "main"]
 
-# ---- task and tokenizer ---------------------------------------------------------------------------------------
-SYMBOLS = ["<pad>", "<bos>", "<eos>"] + list("0123456789+=;")
-PAD, BOS, EOS = 0, 1, 2
-STOI = {s: i for i, s in enumerate(SYMBOLS)}
-VOCAB = len(SYMBOLS)
-TERMS = 4
-
-
-def encode(text: str) -> list[int]:
-    return [STOI[c] for c in text]
-
-
-def decode(ids) -> str:
-    return "".join(SYMBOLS[i] for i in ids if i > EOS)
-
-
-@dataclass(frozen=True)
-class Problem:
-    terms: tuple[int, ...]
-
-    @property
-    def question(self) -> str:
-        return "+".join(map(str, self.terms)) + "="
-
-    @property
-    def answer(self) -> str:
-        return str(sum(self.terms))
-
-    @property
-    def solution(self) -> str:
-        """The chain of partial sums, the last one being the answer: ``a+b;a+b+c``."""
-        sums, acc = [], 0
-        for i, x in enumerate(self.terms):
-            acc += x
-            if i:
-                sums.append(str(acc))
-        return ";".join(sums)
-
-    def prompt_ids(self) -> list[int]:
-        return [BOS] + encode(self.question)
-
-
-def correct(problem: Problem, response: list[int]) -> bool:
-    """Exact match of the final answer: the response must end with EOS and its last ``;`` field is the sum."""
-    if not response or response[-1] != EOS:
-        return False
-    return decode(response).split(";")[-1] == problem.answer
-
-
-def make_problems(n: int, seed: int, exclude: set | None = None) -> list[Problem]:
-    """``n`` distinct problems (four terms in 0..9), none of them in ``exclude``."""
-    rng, seen, out = random.Random(seed), set(exclude or ()), []
-    if n + len(seen) > 10 ** TERMS:
-        raise ValueError(f"only {10 ** TERMS} problems exist")
-    while len(out) < n:
-        p = Problem(tuple(rng.randint(0, 9) for _ in range(TERMS)))
-        if p not in seen:
-            seen.add(p)
-            out.append(p)
-    return out
-
-
-# ---- models --------------------------------------------------------------------------------------------------
-MAX_NEW = 12  # "12;21;24" is 8 characters + EOS: 12 leaves room for a wrong, longer answer
-
-
-INIT_STD = 0.1  # not transformers' 0.02: with RMSNorm, tiny embeddings make the loss very sharp in them
-
-
-def build_model(hidden: int, layers: int, seed: int):
-    """A tiny Llama from a config (no download); untied embeddings, 4 heads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                      tie_word_embeddings=False, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD,
-                      initializer_range=INIT_STD, attn_implementation="eager")
-    return LlamaForCausalLM(cfg).float()
-
-
-def sft_batch(problems: list[Problem]):
-    """Teacher-forced ``(input_ids, labels)``: loss on the solution tokens and EOS only."""
-    rows = [(p.prompt_ids(), encode(p.solution) + [EOS]) for p in problems]
-    width = max(len(a) + len(b) for a, b in rows)
-    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
-    labels = torch.full_like(ids, -100)
-    for i, (a, b) in enumerate(rows):
-        ids[i, :len(a) + len(b)] = torch.tensor(a + b)
-        labels[i, len(a):len(a) + len(b)] = torch.tensor(b)
-    return ids, labels
-
-
-def sft(model, problems: list[Problem], steps: int, *, batch: int = 64, lr: float = 3e-3, seed: int = 0,
-        say=print, name: str = "model"):
-    """Supervised pre-training on correct solutions (cosine learning rate). Returns the model."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = torch.randint(len(problems), (batch,), generator=g).tolist()
-        ids, labels = sft_batch([problems[i] for i in idx])
-        logits = model(input_ids=ids[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % max(1, steps // 5) == 0:
-            say(f"  sft {name}: step {step + 1}/{steps} loss {float(loss.detach()):.3f} ({time.perf_counter() - t0:.0f}s)")
-    model.eval()
-    return model
-
-
-@torch.no_grad()
-def sample(model, prompts: list[list[int]], *, temperature: float = 1.0, generator=None,
-           max_new: int = MAX_NEW) -> tuple[list[list[int]], list[bool]]:
-    """Batched autoregressive sampling with a KV cache (greedy at ``temperature=0``).
-
-    Every prompt has the same length here, so no padding is needed. Returns the responses (up to and including
-    EOS) and whether each hit ``max_new`` without EOS.
-    """
-    ids = torch.tensor(prompts, dtype=torch.long)
-    b = ids.shape[0]
-    out = model(input_ids=ids, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1]
-    tokens = torch.zeros(b, max_new, dtype=torch.long)
-    done = torch.zeros(b, dtype=torch.bool)
-    for t in range(max_new):
-        if temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits.float() / temperature, -1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
-        tokens[:, t] = nxt
-        done = done | (nxt == EOS)
-        if bool(done.all()) or t == max_new - 1:
-            break
-        out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
-    responses, truncated = [], []
-    for row in tokens.tolist():
-        r = row[:row.index(EOS) + 1] if EOS in row else [x for x in row if x != PAD]
-        responses.append(r)
-        truncated.append(EOS not in row)
-    return responses, truncated
-
-
-EVAL_SAMPLES = 8   # held-out mean@8 at the rollout temperature, beside greedy accuracy
-EVAL_SEED = 4321   # every evaluation draws the same random stream, so two models' scores are paired
-
-
-@torch.no_grad()
-def evaluate(model, problems: list[Problem], batch: int = 512, samples: int = EVAL_SAMPLES) -> dict:
-    """Held-out accuracy: greedy (``accuracy``), and mean@``samples`` at temperature 1 (``sampled``, the reward
-    RL maximises, as the papers report mean@k at a temperature); mean greedy response length (tokens, EOS included).
-    """
-    ok, lengths = 0, 0
-    for i in range(0, len(problems), batch):
-        part = problems[i:i + batch]
-        responses, _ = sample(model, [p.prompt_ids() for p in part], temperature=0.0)
-        ok += sum(correct(p, r) for p, r in zip(part, responses))
-        lengths += sum(len(r) for r in responses)
-    out = {"accuracy": ok / len(problems), "length": lengths / len(problems)}
-    if samples:
-        gen, hits, per = torch.Generator().manual_seed(EVAL_SEED), 0, max(1, batch // samples)
-        for i in range(0, len(problems), per):
-            part = [p for p in problems[i:i + per] for _ in range(samples)]
-            responses, _ = sample(model, [p.prompt_ids() for p in part], temperature=1.0, generator=gen)
-            hits += sum(correct(p, r) for p, r in zip(part, responses))
-        out["sampled"] = hits / (len(problems) * samples)
-    return out
+_T0 = time.perf_counter()
 
 
 # ---- the pre-trained pair, cached -------------------------------------------------------------------------------
@@ -385,99 +203,6 @@ def rl_run(method: str, seed: int, student_state: dict, teacher, cfg: TestbedCon
             "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
 
 
-# ---- the table --------------------------------------------------------------------------------------------------
-def summarise(runs: list[dict]) -> dict[str, dict]:
-    """method -> mean and standard error (over seeds) of the final accuracy, length and KLs."""
-    out = {}
-    for method in dict.fromkeys(r["method"] for r in runs):
-        rs = [r for r in runs if r["method"] == method]
-        def stat(xs):
-            m = sum(xs) / len(xs)
-            se = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)) ** 0.5 if len(xs) > 1 else 0.0
-            return m, se
-        out[method] = {"n": len(rs), "final": stat([r["final"] for r in rs]),
-                       "sampled": stat([r["final_sampled"] for r in rs]), "clip_frac": stat([r["clip_frac"] for r in rs]),
-                       "start": rs[0]["curve"][0]["accuracy"], "start_sampled": rs[0]["curve"][0]["sampled"],
-                       "length": stat([r["length"] for r in rs]),
-                       **{k: stat([r["kl"][k] for r in rs]) for k in ("k1", "k2", "k3", "exact_kl")},
-                       "seconds": sum(r["seconds"] for r in rs) / len(rs),
-                       "cpu_seconds": sum(r.get("cpu_seconds", r["seconds"]) for r in rs) / len(rs)}
-    return out
-
-
-LABELS = {"grpo": "GRPO", "kd_k2": "KD (k2)", "kd_exact": "KD (exact RKL)", "kdrl": "KDRL (constant beta)",
-          "kdrl_anneal": "KDRL (annealed beta)", "kdrl_mask": "KDRL (KD on incorrect only)",
-          "kdrl_shaping": "KDRL shaping", "trrd": "TRRD"}
-
-
-def markdown_table(summary: dict, info: dict) -> str:
-    lines = ["| method | greedy accuracy (mean ± s.e.) | Δ vs start | mean@8, T=1 (mean ± s.e.) | Δ vs start |"
-             " response length | exact KL | k1 | k2 | k3 | clip frac | s/run (CPU / wall) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("teacher", "student"):
-        label = "teacher (SFT)" if name == "teacher" else "student at start (SFT)"
-        lines.append(f"| {label} | {100 * info[name]['accuracy']:.1f} | | {100 * info[name]['sampled']:.1f} | | "
-                     f"{info[name]['length']:.2f} | {'0' if name == 'teacher' else ''} | | | | | |")
-    for method, s in sorted(summary.items(), key=lambda kv: kv[1]["final"][0]):
-        (f, se), (fs, ses) = s["final"], s["sampled"]
-        lines.append(f"| {LABELS.get(method, method)} | {100 * f:.1f} ± {100 * se:.1f} | "
-                     f"{100 * (f - s['start']):+.1f} | {100 * fs:.1f} ± {100 * ses:.1f} | "
-                     f"{100 * (fs - s['start_sampled']):+.1f} | {s['length'][0]:.2f} | {s['exact_kl'][0]:.3f} | "
-                     f"{s['k1'][0]:.3f} | {s['k2'][0]:.3f} | {s['k3'][0]:.3f} | {s['clip_frac'][0]:.3f} | "
-                     f"{s['cpu_seconds']:.0f} / {s['seconds']:.0f} |")
-    return "\n".join(lines)
-
-
-def ordering(summary: dict, key: str = "final") -> str:
-    items = sorted(summary.items(), key=lambda kv: kv[1][key][0])
-    return " < ".join(f"{LABELS.get(m, m)} {100 * s[key][0]:.1f}" for m, s in items)
-
-
-def plot(runs: list[dict], summary: dict, info: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(15, 10))
-    axes = axes.ravel()
-    colors = plt.get_cmap("tab10")
-    for i, method in enumerate(summary):
-        rs = [r for r in runs if r["method"] == method]
-        n = min(len(r["curve"]) for r in rs)
-        steps = [rs[0]["curve"][j]["step"] for j in range(n)]
-        samples = [rs[0]["curve"][j]["samples"] for j in range(n)]
-        acc = [100 * sum(r["curve"][j]["accuracy"] for r in rs) / len(rs) for j in range(n)]
-        at_t = [100 * sum(r["curve"][j]["sampled"] for r in rs) / len(rs) for j in range(n)]
-        kw = dict(color=colors(i), lw=2, label=LABELS.get(method, method), marker="o", ms=3)
-        axes[0].plot(steps, acc, **kw)
-        axes[1].plot(samples, acc, **kw)
-        axes[2].plot(steps, at_t, **kw)
-        tr = [r["train"] for r in rs]
-        m = min(len(t) for t in tr)
-        kl = [sum(t[j]["exact_kl"] for t in tr) / len(tr) for j in range(m)]
-        axes[3].plot(range(1, m + 1), _smooth(kl), color=colors(i), lw=2, label=LABELS.get(method, method))
-    for ax in axes[:2]:
-        ax.set_ylabel(f"held-out greedy accuracy (%); teacher {100 * info['teacher']['accuracy']:.1f}")
-    axes[2].set_ylabel(f"held-out mean@{EVAL_SAMPLES} at T=1 (%); teacher {100 * info['teacher']['sampled']:.1f}")
-    for ax, x in zip(axes, ("RL step", "sampled responses", "RL step", "RL step")):
-        ax.set_xlabel(x)
-        ax.grid(alpha=0.3)
-    axes[3].set_ylabel("exact KL(student || teacher) per token, on rollouts")
-    axes[3].set_yscale("log")
-    n_seeds = max(s["n"] for s in summary.values())
-    axes[0].set_title(f"greedy accuracy vs steps (mean of {n_seeds} seeds)")
-    axes[1].set_title("greedy accuracy vs samples")
-    axes[2].set_title(f"mean@{EVAL_SAMPLES} at the rollout temperature vs steps")
-    axes[3].set_title("exact KL to the teacher (smoothed)")
-    axes[0].legend(fontsize=9, loc="upper left", ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def _smooth(xs, k: int = 5):
-    return [sum(xs[max(0, i - k + 1):i + 1]) / len(xs[max(0, i - k + 1):i + 1]) for i in range(len(xs))]
-
-
 def run_table(cfg: TestbedConfig, out: Path, say=print, fresh: bool = False) -> tuple[list[dict], dict, dict]:
     """Pre-train (or load) the pair, then every method x seed; ``out/runs.jsonl`` grows as runs finish.
 
@@ -536,8 +261,8 @@ def write_docs(runs, summary, info, cfg: TestbedConfig, docs: Path, wall: float,
 
 `python -m kdrl.testbed --docs docs` pre-trains a teacher and a student on a small reasoning task, then trains the
 same student with every method, {len(cfg.seeds)} seeds each, through the trainer's own code: batched sampling ->
-exact-match reward -> `kdrl.rollout.build_batch` (group-normalised advantages) -> teacher hidden states ->
-`kdrl.train.backward_microbatches` (`kdrl_kernels.KDRLLoss`) -> AdamW. Checkpoints of the pre-trained pair are cached
+exact-match reward -> `kdrl.trainer.rollout.build_batch` (group-normalised advantages) -> teacher hidden states ->
+`kdrl.trainer.step.backward_microbatches` (`kdrl_kernels.KDRLLoss`) -> AdamW. Checkpoints of the pre-trained pair are cached
 in `results/testbed/pair-<hash>/`, every finished run is appended to `results/testbed/runs.jsonl`.
 
 **Task.** Add four one-digit numbers and write every partial sum: `7+5+9+3=` -> `12;21;24<eos>`. Reward 1 if the
@@ -632,8 +357,3 @@ def main(argv=None) -> int:
                    + (" --note ..." if args.note else ""), args.note, say)
     say(f"done in {wall / 60:.1f} min ({cpu / 60:.1f} min CPU); runs in {out}/runs.jsonl")
     return 0
-
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on main() catches KeyboardInterrupt
-    sys.exit(main())

@@ -30,7 +30,7 @@ class ModelConfig:
     teacher: str | None = opt(None, "teacher (same tokenizer as the student); null for GRPO, which needs none")
     teacher_backend: str = opt("hf", "how the teacher scores the sampled tokens: hf (a torch copy here; hidden states, "
                                      "every estimator and the exact KL) or vllm (a vLLM engine's prompt_logprobs, "
-                                     "kdrl.teacher: k1/k2/k3, shaping and TRRD only, rollout.temperature 1)")
+                                     "kdrl.trainer.teacher: k1/k2/k3, shaping and TRRD only, rollout.temperature 1)")
     dtype: str = opt("bfloat16", "dtype of the model weights used in forward/backward (bfloat16 or float32)")
     master_fp32: bool = opt(True, "keep an fp32 master copy of the trainable weights and fp32 optimizer state")
     lora_rank: int = opt(0, "0 = full fine-tuning; > 0 = LoRA adapters of this rank on all linear layers (peft)")
@@ -90,7 +90,7 @@ class RunConfig:
     tensorboard: bool = opt(False, "also write TensorBoard scalars (needs the tensorboard package)")
     progress: bool = opt(True, "print progress on stdout: start-up phases, the files written, one line per step "
                                "(false: quiet; the JSONL files are written either way)")
-    plot: bool = opt(True, "at the end, write <output_dir>/curves.png with kdrl.plot (needs matplotlib)")
+    plot: bool = opt(True, "at the end, write <output_dir>/curves.png with kdrl.trainer.plot (needs matplotlib)")
     eval_every: int = opt(0, "evaluate every N steps (0 = never): greedy accuracy on eval_task")
     eval_task: str = opt("gsm8k", "benchmark for periodic evaluation (kdrl.data.load_task name)")
     eval_limit: int = opt(50, "problems per periodic evaluation")

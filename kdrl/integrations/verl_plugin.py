@@ -30,7 +30,7 @@ Nothing is registered in verl's policy-loss registry: a policy loss there receiv
 The loss settings are a :class:`kdrl_kernels.KDRLConfig`: ``install(config=KDRLConfig(...))`` in-process, or the
 environment variable ``KDRL_VERL_CONFIG`` holding the config's fields as JSON (what verl's Ray workers see:
 ``+ray_kwargs.ray_init.runtime_env.env_vars.KDRL_VERL_CONFIG=...``). verl imports this module in every process when
-``VERL_USE_EXTERNAL_MODULES=kdrl.verl_integration`` is set (read by ``import verl``), which is what a launch needs:
+``VERL_USE_EXTERNAL_MODULES=kdrl.integrations.verl_plugin`` is set (read by ``import verl``), which is what a launch needs:
 the driver validates ``loss_mode`` against the registry before any worker starts.
 """
 from __future__ import annotations

@@ -5,17 +5,17 @@ process) with one scoring request per response to a vLLM engine holding the teac
 ``SamplingParams(max_tokens=1, prompt_logprobs=0)`` on the token ids ``prompt + response`` returns, for every
 position, the teacher's log-prob of the token that is there. That is all the sampled-token estimators
 (k1 / k2 / k3), KDRL shaping and TRRD need. It is not enough for the exact KL, which needs the teacher's whole
-distribution at every position: :func:`kdrl.config.validate` refuses that combination before anything loads.
+distribution at every position: :func:`kdrl.trainer.config.validate` refuses that combination before anything loads.
 
 vLLM scores prompt tokens from the raw logits (temperature 1): prompt tokens skip its sampling processors, and one
 log-prob per position cannot be re-tempered without the log-normaliser of ``logits / T``. So the served teacher
-requires ``rollout.temperature=1`` (the loss temperature; see ``kdrl.config.loss_config``), also checked at start.
+requires ``rollout.temperature=1`` (the loss temperature; see ``kdrl.trainer.config.loss_config``), also checked at start.
 """
 from __future__ import annotations
 
 import torch
 
-from kdrl.rollout import RolloutBatch
+from kdrl.trainer.rollout import RolloutBatch
 
 __all__ = ["VLLMTeacher", "response_logprobs", "serve_teacher"]
 

@@ -1,0 +1,6 @@
+"""Our losses inside other trainers (each imports its framework; none is imported by the rest of ``kdrl``):
+
+- ``trl_grpo.py``: ``KDRLGRPOTrainer``, TRL's ``GRPOTrainer`` with ``kdrl_kernels.KDRLLoss``;
+- ``trl_distill.py``: ``KDRLDistillationTrainer``, TRL's ``DistillationTrainer`` without ``(tokens x vocab)`` logits;
+- ``verl_plugin.py``: the ``kdrl`` fused backend and the ``kdrl`` / ``kdrl_trrd`` distillation losses for verl.
+"""

@@ -1,0 +1,459 @@
+"""The training loop (``python -m kdrl.train`` is its command line).
+
+One step = sample G responses for each of a few prompts -> grade them -> group-normalised advantages ->
+teacher hidden states of the sampled tokens (no gradient) -> student forward/backward through
+``kdrl_kernels.KDRLLoss`` in micro-batches -> optimizer step -> push the new weights to the generator ->
+log, checkpoint, maybe evaluate. GRPO, on-policy KD, KDRL (joint / shaping, constant or annealed beta,
+reward-guided masks) and TRRD differ only in the ``loss`` section of the config.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kdrl.trainer.checkpoint import checkpoint_bytes, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdrl.trainer.config import TrainConfig, loss_config, validate
+from kdrl.trainer.logging import MetricsLogger, Progress, SampleLog
+from kdrl.trainer.resume import config_changes
+from kdrl.trainer.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
+from kdrl.trainer.step import (MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole,
+                               merge_metrics)
+from kdrl_kernels import KDRLLoss
+
+__all__ = ["Trainer"]
+
+
+def describe_objective(lc) -> str:
+    """One phrase for the start-up line: what the loss is, with the KD term written as it enters."""
+    kd = "exact reverse KL" if lc.kl_estimator == "exact" else lc.kl_estimator
+    return {"grpo": "grpo (no KD term)",
+            "kd": f"kd (loss = {kd} to the teacher)",
+            "kdrl": f"kdrl (loss = GRPO + beta * {kd}, beta {lc.beta:g}"
+                    + (f" {lc.beta_schedule}" if lc.beta_schedule != "constant" else "") + ")",
+            "kdrl_shaping": f"kdrl_shaping (advantage - beta * (log p - log p_teacher), beta {lc.beta:g})",
+            "trrd": f"trrd (ratio against pi_old^{lc.trrd_alpha:g} * pi_teacher^{1 - lc.trrd_alpha:g})",
+            }.get(lc.objective, lc.objective)
+
+
+def kd_signal(objective: str, metrics: dict) -> dict:
+    """``kd_term`` (the KD term as it enters the loss: beta * kd) and ``kd_raw`` (kd) of a step's metrics.
+
+    kd / kdrl: ``kd_loss`` is the aggregated, masked estimate before the coefficient, ``beta`` the coefficient
+    applied (1 for kd). kdrl_shaping has no KD loss: the advantage of each token is lowered by
+    ``beta * (log p - log p_teacher)``, whose mean is ``beta * k1``. grpo / trrd: nothing.
+    """
+    beta = metrics.get("beta")
+    if objective in ("kd", "kdrl") and metrics.get("kd_loss") is not None and beta is not None:
+        return {"kd_raw": metrics["kd_loss"], "kd_term": beta * metrics["kd_loss"]}
+    if objective == "kdrl_shaping" and metrics.get("k1") is not None and beta is not None:
+        return {"kd_raw": metrics["k1"], "kd_term": beta * metrics["k1"]}
+    return {}
+
+
+def _size(n_bytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes:.0f} B"
+
+
+def _millions(params) -> str:
+    return f"{sum(p.numel() for p in params) / 1e6:.1f}M"
+
+
+def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop later names of tensors that share storage (tied embeddings / lm_head): safetensors refuses aliases,
+    and loaders of tied models take the embedding alone."""
+    seen, out = set(), {}
+    for name, tensor in state.items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            out[name] = tensor
+    return out
+
+
+class Trainer:
+    """Holds the models, optimizer, generator and data position of one run. :meth:`run` trains to the end."""
+
+    def __init__(self, cfg: TrainConfig, allow_config_change: bool = False, started: float | None = None):
+        from kdrl.data import load_task
+        from kdrl.models import load_model_and_tokenizer, resolve_model
+
+        validate(cfg)  # every configuration error before any model is loaded
+        self.cfg = cfg
+        self.say = say = Progress(cfg.run.progress, start=started)
+        self.output_dir = Path(cfg.run.output_dir)
+        self.loss_fn = KDRLLoss(loss_config(cfg))
+        lc = self.loss_fn.config
+        say(f"config ok: {describe_objective(lc)}; {cfg.rollout.prompts_per_step} prompts x "
+            f"{cfg.rollout.group_size} samples x <= {cfg.rollout.max_new_tokens} tokens per step, "
+            f"{cfg.run.steps} step{'' if cfg.run.steps == 1 else 's'}")
+        for line in self.output_lines():
+            say(line)
+        ckpt = latest_checkpoint(self.output_dir) if cfg.run.resume else None
+        if ckpt is not None:
+            self._check_resume(ckpt, allow_config_change)
+        if cfg.run.threads:
+            torch.set_num_threads(cfg.run.threads)
+        torch.manual_seed(cfg.run.seed)
+        if lc.objective == "grpo" and cfg.model.teacher:
+            print(f"kdrl.train: loss.objective=grpo has no KD term: model.teacher={cfg.model.teacher!r} is not "
+                  "loaded", file=sys.stderr)
+        dtype = getattr(torch, cfg.model.dtype)
+        say(f"loading the student {cfg.model.student} ({cfg.model.dtype}) ...")
+        t0 = time.perf_counter()
+        self.student_path = resolve_model(cfg.model.student)
+        self.model, self.tokenizer = load_model_and_tokenizer(self.student_path, dtype=dtype)
+        say(f"student loaded from {self.student_path}: {_millions(self.model.parameters())} parameters "
+            f"({time.perf_counter() - t0:.1f}s)")
+        self.teacher = self.teacher_server = None
+        if lc.needs_teacher and cfg.model.teacher_backend == "vllm":
+            from kdrl.trainer.teacher import serve_teacher
+            self.teacher_server = serve_teacher(cfg, self.tokenizer, say)
+        elif lc.needs_teacher:
+            say(f"loading the teacher {cfg.model.teacher} ({cfg.model.dtype}) ...")
+            t0 = time.perf_counter()
+            self.teacher, teacher_tok = load_model_and_tokenizer(resolve_model(cfg.model.teacher), dtype=dtype)
+            self.teacher.requires_grad_(False).eval()
+            if teacher_tok.get_vocab() != self.tokenizer.get_vocab():
+                raise ValueError("model.teacher must share the student's tokenizer (the KD terms compare "
+                                 "log-probs of the same token ids)")
+            say(f"teacher loaded: {_millions(self.teacher.parameters())} parameters "
+                f"({time.perf_counter() - t0:.1f}s)")
+        self._setup_trainable(cfg)
+        n_train = sum(p.numel() for p in self.master.params.values())
+        n_bytes = sum(p.numel() * p.element_size() for p in self.master.params.values())
+        say(f"training {'LoRA adapters' if cfg.model.lora_rank else 'all weights'}: {n_train / 1e6:.2f}M "
+            f"parameters; a checkpoint is ~{_size(3 * n_bytes)} (weights + AdamW's two moments)")
+        self.problems = load_task(cfg.data.task, limit=cfg.data.limit)
+        say(f"{len(self.problems)} problems from {cfg.data.task}")
+        self.sampler = PromptSampler(self.problems, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
+        self.step = 0
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, self.master.params, self.optimizer)
+            self.master.publish()
+            self.sampler.load_state_dict(state["sampler"])
+            self.step = state["step"]
+            say(f"resumed from {ckpt} at step {self.step}")
+        say(f"starting the {cfg.rollout.backend} generator ...")
+        t0 = time.perf_counter()
+        self.generator = self._make_generator()
+        say(f"generator ready ({time.perf_counter() - t0:.1f}s)")
+        self._first_step = True
+
+    def output_lines(self) -> list[str]:
+        """Where everything this run writes goes, one line each (printed at start)."""
+        run, out = self.cfg.run, self.output_dir
+        every = f"every {run.save_every} steps and at the end" if run.save_every else "at the end"
+        lines = [f"run directory {out}/",
+                 f"  per-step metrics   {out / 'metrics.jsonl'}",
+                 f"  sampled responses  {out / 'samples.jsonl'}",
+                 f"  checkpoints        {out / 'checkpoints'}/step_NNNNNN ({every}; the newest "
+                 f"{run.keep_checkpoints} kept)"]
+        if run.plot:
+            lines.append(f"  curves (at end)    {out / 'curves.png'}")
+        lines.append(f"  plot any time      python -m kdrl.trainer.plot {out / 'metrics.jsonl'}")
+        if run.export_final:
+            lines.append(f"  final model        {out / 'final'}/ (at the end"
+                         + (", LoRA merged)" if self.cfg.model.lora_rank else ")"))
+        if run.tensorboard:
+            lines.append(f"  TensorBoard        {out / 'tensorboard'}/")
+        return lines
+
+    def _check_resume(self, ckpt: Path, allow_config_change: bool) -> None:
+        """Say what is resumed; refuse a changed training config unless ``allow_config_change`` (then log it)."""
+        state = json.loads((ckpt / "state.json").read_text())
+        print(f"kdrl.train: resuming from {ckpt} (step {state['step']}); records of later steps in metrics.jsonl "
+              "and samples.jsonl are dropped", file=sys.stderr)
+        changes = config_changes(state.get("config") or {}, self.cfg.to_dict())
+        if not changes:
+            return
+        listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+        if not allow_config_change:
+            raise ValueError(f"resuming {ckpt} with a changed config ({listing}): use another run.output_dir, "
+                             "set run.resume=false, or pass --allow-config-change to continue with the new values")
+        print(f"kdrl.train: config changed on resume at step {state['step']}: {listing} (recorded in "
+              f"{self.output_dir / 'config_changes.jsonl'})", file=sys.stderr)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with (self.output_dir / "config_changes.jsonl").open("a") as f:
+            f.write(json.dumps({"step": state["step"], "checkpoint": str(ckpt),
+                                "changes": {k: {"old": a, "new": b} for k, (a, b) in changes.items()}}) + "\n")
+
+    def _setup_trainable(self, cfg: TrainConfig) -> None:
+        """Wrap with LoRA if asked, pick the trainable tensors, build fp32 masters and the AdamW optimizer."""
+        if cfg.model.lora_rank:
+            from peft import LoraConfig, get_peft_model
+            self.model = get_peft_model(self.model, LoraConfig(
+                r=cfg.model.lora_rank, lora_alpha=cfg.model.lora_alpha, target_modules="all-linear"))
+        if cfg.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            if cfg.model.lora_rank:  # frozen embeddings: checkpointed blocks still need an input that wants grad
+                self.model.enable_input_require_grads()
+        self.model.train()
+        trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        low_precision = next(iter(trainable.values())).dtype != torch.float32
+        self.master = MasterWeights(trainable, enabled=cfg.model.master_fp32 and low_precision)
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(list(self.master.params.values()), lr=o.lr, betas=tuple(o.betas),
+                                           eps=o.eps, weight_decay=o.weight_decay)
+
+    def _make_generator(self):
+        """The rollout engine: its own copy of the student, refreshed by ``update_weights`` after each step."""
+        from kdrl.generation import make_generator
+        r = self.cfg.rollout
+        kw = r.vllm_kwargs if r.backend == "vllm" else {}
+        gen = make_generator(self.student_path, backend=r.backend, dtype=self.cfg.model.dtype, **kw)
+        if self.step:  # resumed: the engine loaded the initial weights
+            gen.update_weights(self.rollout_weights())
+        return gen
+
+    @torch.no_grad()
+    def rollout_weights(self, changed_only: bool = False) -> dict[str, torch.Tensor]:
+        """The student's current weights under the plain model's names (LoRA adapters merged in).
+
+        ``changed_only``: with LoRA, only the adapted layers' merged weights (the rest never changes).
+        Merging is out of place, ``W + scale * B @ A`` in fp32: peft's in-place merge/unmerge would round the
+        bf16 base weights a little more on every step.
+        """
+        if not self.cfg.model.lora_rank:
+            return _untied(self.model.state_dict())
+        from peft.tuners.lora import LoraLayer
+        base = self.model.get_base_model()
+        state = {} if changed_only else {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
+                                         if "lora_" not in k}
+        for name, module in base.named_modules():
+            if isinstance(module, LoraLayer):
+                w = module.get_base_layer().weight
+                delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+                state[f"{name}.weight"] = (w.float() + delta).to(w.dtype)
+        return _untied(state)
+
+    # ---- one step -------------------------------------------------------------------------------------------
+    def prompts(self, problems) -> list[str]:
+        from kdrl.prompts import build_messages
+        return [self.tokenizer.apply_chat_template(build_messages(p.question, style=self.cfg.data.prompt_style),
+                                                   tokenize=False, add_generation_prompt=True) for p in problems]
+
+    def rollout(self, timer: Timer) -> RolloutBatch:
+        """Sample G responses per prompt with the current weights, grade them, build the padded batch."""
+        from kdrl.generation import SamplingConfig
+        from kdrl.grading import grade_many
+        r = self.cfg.rollout
+        problems = self.sampler.next(r.prompts_per_step)
+        texts = self.prompts(problems)
+        if self._first_step:
+            self.say(f"step {self.step + 1}: sampling {len(texts)} prompts x {r.group_size} responses (<= "
+                     f"{r.max_new_tokens} tokens) ...")
+        sampling = SamplingConfig(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                  n=r.group_size, seed=self.cfg.run.seed * 100_003 + self.step)
+        with timer("generation"):
+            groups = self.generator.generate(texts, sampling, progress=False)
+        with timer("grading"):
+            flat = [c for g in groups for c in g]
+            cut = [c.finish_reason == "length" for c in flat]  # hit max_new_tokens: no credit from a fallback
+            ok = grade_many([c.text for c in flat], [p.answer for p in problems for _ in range(r.group_size)],
+                            truncated=cut, timeout=r.grader_timeout)
+        G = r.group_size
+        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        batch = build_batch(prompt_ids, [[c.token_ids for c in g] for g in groups],
+                            [ok[i * G:(i + 1) * G] for i in range(len(groups))],
+                            [cut[i * G:(i + 1) * G] for i in range(len(groups))],
+                            pad_id=self._pad_id(), scale_advantages=r.scale_advantages)
+        lengths = batch.mask.sum(-1).tolist()
+        self.samples = [{"step": self.step + 1, "group": i, "prompt": p.question, "gold": p.answer,
+                         "response": c.text, "reward": float(batch.rewards[i * G + j]),
+                         "length": int(lengths[i * G + j]), "advantage": float(batch.advantages[i * G + j]),
+                         "truncated": c.finish_reason == "length"}
+                        for i, (p, g) in enumerate(zip(problems, groups)) for j, c in enumerate(g)]
+        return batch
+
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    @torch.no_grad()
+    def teacher_signal(self, batch: RolloutBatch) -> dict:
+        """The teacher's view of the sampled tokens, for ``KDRLLoss``, computed in micro-batches without logits.
+
+        The exact KL needs the teacher's distribution over the vocabulary at every token, so then its hidden states
+        ``(B, T, d_t)`` (+ lm_head weight) are kept; otherwise only its log-probs ``(B, T)`` float32, which frees the
+        hidden states at once and keeps the teacher's fp32 lm_head out of the student's backward (less memory).
+        """
+        if self.teacher_server is not None:  # model.teacher_backend=vllm: sampled-token log-probs, temperature 1
+            return {"teacher_logprobs": self.teacher_server.logprobs(batch)}
+        if self.teacher is None:
+            return {}
+        from kdrl_kernels import fused_linear_logprobs
+        lc, mb = self.loss_fn.config, self.cfg.optim.micro_batch_size
+        weight = self.teacher.get_output_embeddings().weight
+        parts = [batch.rows(i, i + mb) for i in range(0, len(batch), mb)]
+        if lc.log_exact_kl or (lc.kl_estimator == "exact" and lc.objective in ("kd", "kdrl")):
+            return {"teacher_hidden": torch.cat([hidden_states(self.teacher, p) for p in parts]),
+                    "teacher_weight": weight}
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        if weight.shape[0] != vocab:
+            if not (weight.shape[0] > vocab and lc.truncate_teacher_vocab):
+                raise ValueError(f"teacher lm_head has {weight.shape[0]} rows, the student's {vocab}: set "
+                                 "loss.truncate_teacher_vocab=true if the extra teacher rows are padding")
+            weight = weight[:vocab]
+        return {"teacher_logprobs": torch.cat([
+            fused_linear_logprobs(hidden_states(self.teacher, p), weight, p.targets.masked_fill(~p.mask, -100),
+                                  temperature=lc.temperature)
+            for p in parts])}
+
+    @torch.no_grad()
+    def old_logprobs(self, batch: RolloutBatch) -> torch.Tensor:
+        """``(B, T)`` float32 log-probs of the sampled tokens under the rollout policy (before any update)."""
+        from kdrl_kernels import fused_linear_logprobs
+        weight = self.model.get_output_embeddings().weight
+        mb, out = self.cfg.optim.micro_batch_size, []
+        for i in range(0, len(batch), mb):
+            part = batch.rows(i, i + mb)
+            targets = part.targets.masked_fill(~part.mask, -100)
+            out.append(fused_linear_logprobs(hidden_states(self.model, part), weight, targets,
+                                             temperature=self.loss_fn.config.temperature))
+        return torch.cat(out)
+
+    def train_step(self) -> dict:
+        """Run one full step (rollout -> update(s) -> weight sync); returns the step's metrics."""
+        timer, cfg = Timer(), self.cfg
+        t_start = time.perf_counter()
+        batch = self.rollout(timer)
+        rollout_stats = rollout_metrics(batch)
+        lc = self.loss_fn.config
+        if lc.kd_mask == "group_all_wrong":  # decided on the whole rollout batch, before any split
+            batch = kd_groups_whole(batch)
+        first, say = self._first_step, self.say
+        if first:
+            say(f"step {self.step + 1}: {len(batch)} responses sampled and graded "
+                f"({timer.get('generation', 0):.1f}s + {timer.get('grading', 0):.1f}s)"
+                + (", teacher forward ..." if self.teacher is not None or self.teacher_server is not None else ""))
+        with timer("teacher"):
+            teacher = self.teacher_signal(batch)
+        old = None
+        n_updates = cfg.optim.updates_per_rollout
+        if n_updates > 1:  # later mini-batches are off-policy: anchor the ratio at the rollout policy
+            with timer("old_logprobs"):
+                old = self.old_logprobs(batch)
+        size = len(batch) // n_updates
+        if first:
+            say(f"step {self.step + 1}: student forward/backward and update ...")
+        sums: dict[str, float] = {}
+        for u in range(n_updates):
+            mini = batch.rows(u * size, (u + 1) * size)
+            opt_step = self.step * n_updates + u  # warmup counts optimizer steps; the beta schedule rollout steps
+            rows = slice(u * size, (u + 1) * size)
+            with timer("student_fwd_bwd"):
+                m = backward_microbatches(
+                    self.model, self.loss_fn, mini, micro_batch_size=cfg.optim.micro_batch_size,
+                    **{k: v if k == "teacher_weight" else v[rows] for k, v in teacher.items()},
+                    old_logprobs=None if old is None else old[rows], step=self.step,
+                    after_backward=self.master.accumulate)
+            with timer("optimizer"):
+                m["grad_norm"] = self._optimizer_step(opt_step)
+            merge_metrics(sums, m, 1.0 / n_updates)
+        with timer("weight_sync"):  # the hf generator takes a partial state dict: only what LoRA changed
+            self.generator.update_weights(self.rollout_weights(changed_only=cfg.rollout.backend == "hf"))
+        self.step += 1
+        if lc.objective in ("grpo", "trrd", "kd"):  # the KD coefficient applied, not the configured beta:
+            sums["beta"] = 1.0 if lc.objective == "kd" else 0.0  # kd weighs its KL by 1, grpo/trrd have none
+        sums.update(kd_signal(lc.objective, sums))
+        self._first_step = False
+        metrics = {**rollout_stats, **sums, "lr": self.optimizer.param_groups[0]["lr"]}
+        metrics.update({f"time_{k}": v for k, v in timer.items()})
+        metrics["time_step"] = time.perf_counter() - t_start
+        metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+        return metrics
+
+    def _optimizer_step(self, opt_step: int) -> float:
+        """Warmup, gradient clipping, AdamW step, write masters back to the model. Returns the gradient norm."""
+        o = self.cfg.optim
+        for group in self.optimizer.param_groups:
+            group["lr"] = o.lr * min(1.0, (opt_step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
+        params = [p for p in self.master.params.values() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.master.publish()
+        return float(norm)
+
+    # ---- evaluation, checkpoints, the run ---------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy accuracy and mean response length on ``run.eval_task`` with the shared grader."""
+        from kdrl.data import load_task
+        from kdrl.generation import SamplingConfig
+        from kdrl.grading import grade_many
+        run = self.cfg.run
+        problems = load_task(run.eval_task, limit=run.eval_limit)
+        outs = self.generator.generate(self.prompts(problems), SamplingConfig(
+            max_new_tokens=run.eval_max_new_tokens, temperature=0.0, n=1), progress=False)
+        ok = grade_many([o[0].text for o in outs], [p.answer for p in problems],
+                        truncated=[o[0].finish_reason == "length" for o in outs])
+        return {"eval_accuracy": sum(ok) / len(ok),
+                "eval_len_mean": sum(len(o[0].token_ids) for o in outs) / len(outs)}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.output_dir, self.step, self.master.params, self.optimizer,
+                               {"sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()},
+                               keep=self.cfg.run.keep_checkpoints)
+
+    def run(self) -> list[dict]:
+        """Train from the current step to ``run.steps``; returns the metrics of the steps run here."""
+        run, say = self.cfg.run, self.say
+        logger = MetricsLogger(self.output_dir, run.steps, self.step, run.tensorboard, run.progress)
+        samples = SampleLog(self.output_dir, self.step)
+        history = []
+        try:
+            while self.step < run.steps:
+                metrics = self.train_step()
+                samples.write(self.samples)  # before the checkpoint: a resume from an older one cuts them back
+                if run.eval_every and self.step % run.eval_every == 0:
+                    t0 = time.perf_counter()
+                    metrics.update(self.evaluate())
+                    metrics["time_eval"] = time.perf_counter() - t0
+                suffix = (f"  | eval acc {metrics['eval_accuracy']:.3f} len {metrics['eval_len_mean']:.1f}"
+                          if "eval_accuracy" in metrics else "")
+                if (run.save_every and self.step % run.save_every == 0) or self.step == run.steps:
+                    t0 = time.perf_counter()
+                    path = self.save()
+                    metrics["time_checkpoint"] = time.perf_counter() - t0
+                    size = checkpoint_bytes(path)
+                    metrics["checkpoint_mb"] = size / 1e6
+                    suffix += f"  | saved {path.name} ({_size(size)})"
+                logger.log(self.step, metrics, suffix)
+                history.append(metrics)
+        finally:
+            logger.close()
+        if run.export_final and self.step == run.steps:
+            say(f"exporting the student to {self.output_dir / 'final'} ...")
+            self.export(self.output_dir / "final")
+        if run.plot and history:
+            self._plot(logger.path)
+        return history
+
+    def _plot(self, metrics_path: Path) -> None:
+        """``curves.png`` beside the metrics; a missing matplotlib is reported, not fatal (the run is done)."""
+        from kdrl.trainer.logging import read_metrics
+        from kdrl.trainer.plot import plot
+        out = self.output_dir / "curves.png"
+        try:
+            plot(read_metrics(metrics_path), out, title=str(self.output_dir))
+        except ImportError as err:
+            print(f"kdrl.train: no curves.png ({err}); install matplotlib and run python -m kdrl.trainer.plot "
+                  f"{metrics_path}", file=sys.stderr)
+            return
+        self.say(f"curves written to {out}")
+
+    def export(self, path: Path) -> Path:
+        """Save the student as a plain transformers model directory (LoRA merged) with its tokenizer."""
+        base = self.model.get_base_model() if self.cfg.model.lora_rank else self.model
+        base.save_pretrained(path, state_dict=self.rollout_weights())
+        self.tokenizer.save_pretrained(path)
+        return path
