@@ -7,12 +7,13 @@ computes gradients during the forward (see :mod:`kdrl_kernels.fused_loss`); on T
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
 
 from . import objectives as O
+from . import registry as R
 from . import validation as V
 from .api import fused_linear_kl, fused_linear_logprobs
 from .backend import BACKENDS, resolve_backend
@@ -20,39 +21,48 @@ from .fused_loss import FusedLossParams, FusedPolicyLoss, TeacherInputs
 
 __all__ = ["KDRLConfig", "KDRLLoss", "token_losses"]
 
-OBJECTIVES = ("grpo", "kd", "kdrl", "kdrl_shaping", "trrd")
+token_losses = R.token_losses  # the per-token terms, as declared in kdrl_kernels.registry
+
+
+def _f(default, help: str):
+    """A KDRLConfig field with its one-line documentation (``python -m kdrl.train --describe`` prints it)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class KDRLConfig:
     """Every knob of the loss. Defaults follow the KDRL paper (k2, beta 2e-3, token-mean)."""
-    objective: str = "kdrl"            # grpo | kd | kdrl | kdrl_shaping | trrd
-    kl_estimator: str = "k2"           # k1 | k2 | k3 | exact (full-vocabulary reverse KL; needs teacher hidden)
-    beta: float = 2e-3                 # KD coefficient (kdrl, kdrl_shaping); kd uses 1
-    beta_schedule: str = "constant"    # constant | linear (max(beta - decay*step, beta_min)) | cosine
-    beta_min: float = 1e-3
-    beta_decay: float = 5e-5
-    total_steps: Optional[int] = None  # for the cosine schedule
-    kd_mask: str = "none"              # none | incorrect | group_all_wrong (reward-guided KD)
-    eps_low: float = 0.2
-    eps_high: float = 0.2              # 0.28 for DAPO's clip-higher
-    dual_clip: Optional[float] = None  # e.g. 3.0
-    trrd_alpha: float = 0.5
-    trrd_clamp: Optional[float] = 1.0  # clamp of s - t before forming the TRRD ratio
-    aggregation: str = "token_mean"    # token_mean | seq_mean | dr_grpo
-    max_len: Optional[int] = None      # L_max of dr_grpo (default: the T of the batch)
-    scale_rewards: bool = True         # False: Dr. GRPO advantages (no division by the group std)
-    adv_eps: float = 1e-6
-    temperature: float = 1.0
-    truncate_teacher_vocab: bool = False
-    compute_entropy: bool = True       # entropy metric (one extra pass over each chunk)
-    log_exact_kl: bool = False         # exact reverse KL as a metric when the estimator is not "exact"
-    backend: str = "auto"
-    single_pass: bool = True           # PyTorch backend: gradients during forward (no recompute)
-    chunk_size: Optional[int] = None
+    objective: str = _f("kdrl", "grpo | kd | kdrl | kdrl_shaping | trrd, or one added with "
+                                "kdrl_kernels.registry.register_objective")
+    kl_estimator: str = _f("k2", "k1 | k2 | k3 | exact (full-vocabulary reverse KL; needs the teacher's hidden states)")
+    beta: float = _f(2e-3, "KD coefficient of kdrl and kdrl_shaping (kd applies 1, grpo and trrd have no KD term)")
+    beta_schedule: str = _f("constant", "constant | linear (max(beta - beta_decay * step, beta_min)) | cosine "
+                                        "(beta -> beta_min over total_steps)")
+    beta_min: float = _f(1e-3, "floor of the linear and cosine beta schedules")
+    beta_decay: float = _f(5e-5, "per-step decrease of the linear beta schedule")
+    total_steps: Optional[int] = _f(None, "length of the cosine beta schedule, in steps")
+    kd_mask: str = _f("none", "reward-guided KD: none | incorrect (KD on wrong responses only) | group_all_wrong "
+                              "(KD on groups with no correct response)")
+    eps_low: float = _f(0.2, "lower clip range of the ratio (1 - eps_low)")
+    eps_high: float = _f(0.2, "upper clip range of the ratio (1 + eps_high; 0.28 for DAPO's clip-higher)")
+    dual_clip: Optional[float] = _f(None, "dual-clip bound c > 1 on negative advantages (e.g. 3.0); null = off")
+    trrd_alpha: float = _f(0.5, "TRRD: weight of the old policy in the geometric mixture with the teacher")
+    trrd_clamp: Optional[float] = _f(1.0, "TRRD: s - t clamped to [-c, c] before forming the ratio; null = no clamp")
+    aggregation: str = _f("token_mean", "token_mean | seq_mean | dr_grpo (sum over tokens / (B * max_len))")
+    max_len: Optional[int] = _f(None, "L_max of dr_grpo (default: the T of the batch)")
+    scale_rewards: bool = _f(True, "group advantages divided by the group std (False: Dr. GRPO, centring only)")
+    adv_eps: float = _f(1e-6, "added to the group std before dividing (with rewards= and scale_rewards)")
+    temperature: float = _f(1.0, "logits are divided by it (student, teacher and the exact KL)")
+    truncate_teacher_vocab: bool = _f(False, "slice a teacher lm_head with extra padding rows to the student's V")
+    compute_entropy: bool = _f(True, "entropy metric (one extra pass over each chunk)")
+    log_exact_kl: bool = _f(False, "exact reverse KL as a metric when the estimator is not exact (needs teacher "
+                                   "hidden states)")
+    backend: str = _f("auto", "auto (triton on CUDA, torch elsewhere) | torch | triton")
+    single_pass: bool = _f(True, "PyTorch backend: gradients during forward (no recompute)")
+    chunk_size: Optional[int] = _f(None, "tokens per chunk of the PyTorch backend (default: from a memory budget)")
 
     def __post_init__(self):
-        choices = {"objective": OBJECTIVES, "kl_estimator": O.KL_ESTIMATORS + ("exact",),
+        choices = {"objective": tuple(R.OBJECTIVES), "kl_estimator": O.KL_ESTIMATORS + ("exact",),
                    "beta_schedule": O.BETA_SCHEDULES, "kd_mask": O.KD_MASKS, "aggregation": O.AGGREGATIONS,
                    "backend": BACKENDS}
         for name, allowed in choices.items():
@@ -75,42 +85,50 @@ class KDRLConfig:
 
     @property
     def needs_teacher(self) -> bool:
-        return self.objective != "grpo"
+        return R.get_objective(self.objective).needs_teacher
 
     @property
     def kl_in_loss(self) -> bool:
         """The exact KL is a term of the loss (and gets a gradient), not only a metric."""
-        return self.kl_estimator == "exact" and self.objective in ("kd", "kdrl")
+        return R.kl_in_loss(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "") -> "KDRLConfig":
+        """A config from plain values as YAML or JSON give them: numbers written as strings (YAML reads ``2e-3``
+        as a string) become numbers of the field's type; unknown keys are a ValueError naming them."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where or 'KDRLConfig'} must be a mapping of KDRLConfig fields, got "
+                             f"{type(values).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {where}KDRLConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: _from_text(f"{where}{k}", known[k].type, v) for k, v in values.items()})
 
 
-def token_losses(s, t, old, adv, kl, cfg: KDRLConfig, beta: float):
-    """Per-token policy-gradient and KD terms ``(pg, kd)`` (either may be None), each shaped like ``s``.
-
-    ``old=None`` means on-policy (``old = s.detach()``, ratio 1). ``kl`` is the exact per-token KL when the estimator
-    is ``exact``. KDRL's shaping form adds the detached ``beta * (t - s)`` to the advantage instead of a KD loss.
-    """
-    old = s.detach() if old is None else old
-    clip = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip)
-    pg = kd = None
-    if cfg.objective in ("grpo", "kdrl"):
-        pg = O.clipped_surrogate(O.grpo_log_ratio(s, old), adv, **clip)
-    elif cfg.objective == "kdrl_shaping":
-        pg = O.clipped_surrogate(O.grpo_log_ratio(s, old), adv + beta * (t - s).detach(), **clip)
-    elif cfg.objective == "trrd":
-        pg = O.clipped_surrogate(O.trrd_log_ratio(s, old, t, cfg.trrd_alpha, cfg.trrd_clamp), adv, **clip)
-    if cfg.objective in ("kd", "kdrl"):
-        kd = kl if cfg.kl_estimator == "exact" else O.kl_estimator(s, t, cfg.kl_estimator)
-    return pg, kd
+def _from_text(name, annotation, value):
+    """``value`` as the number its field's annotation asks for, when it came as a string."""
+    if not isinstance(value, str) or "str" in annotation or "bool" in annotation:
+        return value  # strings stay strings; a bool field's check names the field
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if "int" in annotation:
+        if number != int(number):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(number)
+    return number
 
 
 def _objective(rows, s, t, kl, *, cfg, beta, adv, old, w_pg, w_kd):
     """Scalar loss of the given rows: ``sum(w_pg * pg) + coef * sum(w_kd * kd)``."""
-    pg, kd = token_losses(s, t, None if old is None else old[rows], adv[rows], kl, cfg, beta)
+    pg, kd = R.token_losses(s, t, None if old is None else old[rows], adv[rows], kl, cfg, beta)
     total = torch.zeros((), dtype=torch.float32, device=s.device)
     if pg is not None:
         total = total + (w_pg[rows] * pg).sum()
     if kd is not None:
-        total = total + (1.0 if cfg.objective == "kd" else beta) * (w_kd[rows] * kd).sum()
+        total = total + R.applied_kd_coef(cfg, beta) * (w_kd[rows] * kd).sum()
     return total
 
 
@@ -303,15 +321,13 @@ def _check_batch(hidden, weight, targets, mask, old_logprobs, teacher_hidden, te
 def _metrics(cfg, loss, beta, s, t, kl, ent, old, adv, w_pg, w_kd):
     """Floats for logging, computed from the per-token statistics without gradients (one host sync)."""
     n = s.numel()
+    coef = R.applied_kd_coef(cfg, beta)  # the KD coefficient applied at this step, not the configured beta
     if n == 0:
-        return {"loss": float(loss.detach()), "num_tokens": 0.0, "beta": float(beta)}
+        return {"loss": float(loss.detach()), "num_tokens": 0.0, "beta": coef}
     with torch.no_grad():
-        pg, kd = token_losses(s, t, old, adv, kl, cfg, beta)
-        log_ratio = s - (s if old is None else old)
-        if cfg.objective == "trrd":
-            log_ratio = O.trrd_log_ratio(s, s if old is None else old, t, cfg.trrd_alpha, cfg.trrd_clamp)
+        pg, kd = R.token_losses(s, t, old, adv, kl, cfg, beta)
+        log_ratio, clip_adv = R.clip_inputs(s, t, old, adv, cfg, beta)
         ratio = log_ratio.exp()
-        clip_adv = adv + beta * (t - s) if cfg.objective == "kdrl_shaping" else adv
         vals = {"loss": loss.detach().float(), "num_tokens": torch.tensor(float(n)),
                 "pg_loss": (w_pg * pg).sum() if pg is not None else torch.tensor(0.0),
                 "kd_loss": (w_kd * kd).sum() if kd is not None else torch.tensor(0.0),
@@ -328,5 +344,5 @@ def _metrics(cfg, loss, beta, s, t, kl, ent, old, adv, w_pg, w_kd):
         names = list(vals)
         floats = torch.stack([vals[k].float().to(s.device) for k in names]).tolist()
     out = dict(zip(names, floats))
-    out["beta"] = float(beta)
+    out["beta"] = coef
     return out

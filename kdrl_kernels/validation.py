@@ -170,12 +170,22 @@ def check_logprobs(name, x, mask=None):
         raise ValueError(f"{name} must be log-probabilities (<= 0), got a maximum of {top:.4g}")
 
 
-def match_teacher_vocab(student_weight, teacher_weight, truncate, teacher_bias=None):
-    """Slice a teacher whose vocabulary only adds padding rows (Qwen 152,064 vs 151,936) to the student's size."""
-    v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+def teacher_head(student_vocab, teacher_weight, teacher_bias=None, *, truncate):
+    """The teacher lm_head ``(weight (V, d_t), bias (V,) | None)`` cut to the student's ``V = student_vocab`` rows.
+
+    A teacher whose vocabulary only adds padding rows (Qwen 152,064 vs 151,936) is sliced when ``truncate`` (the
+    config's ``truncate_teacher_vocab``); any other mismatch is a ValueError naming both sizes. Every caller that
+    holds a teacher lm_head (KDRLLoss, fused_linear_kl, the trainer, the TRL adapter) goes through here.
+    """
+    v_s, v_t = int(student_vocab), teacher_weight.shape[0]
     if v_t == v_s:
         return teacher_weight, teacher_bias
     if v_t > v_s and truncate:
         return teacher_weight[:v_s], (teacher_bias[:v_s] if teacher_bias is not None else None)
     hint = " (pass truncate_teacher_vocab=True if the extra teacher rows are padding)" if v_t > v_s else ""
     raise ValueError(f"teacher_weight has {v_t} vocabulary rows but student_weight has {v_s}{hint}")
+
+
+def match_teacher_vocab(student_weight, teacher_weight, truncate, teacher_bias=None):
+    """:func:`teacher_head` for a student lm_head ``(V, d)``."""
+    return teacher_head(student_weight.shape[0], teacher_weight, teacher_bias, truncate=truncate)

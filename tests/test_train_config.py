@@ -15,7 +15,7 @@ def test_yaml_and_overrides(tmp_path):
     path.write_text("model: {student: a, teacher: b}\nrollout: {group_size: 8}\nloss: {objective: kdrl, beta: 0.002}\n")
     cfg = load_config(path, ["rollout.group_size=6", "loss.beta_schedule=linear", "run.eval_every=null"])
     assert cfg.model.teacher == "b" and cfg.rollout.group_size == 6
-    assert cfg.loss == {"objective": "kdrl", "beta": 0.002, "beta_schedule": "linear"}
+    assert (cfg.loss.objective, cfg.loss.beta, cfg.loss.beta_schedule) == ("kdrl", 0.002, "linear")
     assert cfg.run.eval_every is None
 
 

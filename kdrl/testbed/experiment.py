@@ -189,8 +189,6 @@ def rl_run(method: str, seed: int, student_state: dict, teacher, cfg: TestbedCon
                                   teacher_hidden=t_hidden, teacher_weight=t_weight, step=step)
         m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         opt.step()
-        if lc.objective in ("grpo", "trrd", "kd"):  # the KD coefficient applied, as kdrl.train logs it
-            m["beta"] = 1.0 if lc.objective == "kd" else 0.0
         train_log.append({"step": step + 1, **{k: stats[k] for k in ("accuracy", "len_mean")},
                           **{k: m.get(k) for k in ("k1", "k2", "k3", "exact_kl", "beta", "clip_frac", "grad_norm")}})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from kdrl_kernels import KDRLConfig, registry
+
 
 def opt(default, help: str):
     """A dataclass field with a default and its one-line documentation."""
@@ -108,9 +110,10 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    loss: dict = field(default_factory=lambda: {"objective": "grpo"},
-                       metadata={"help": "keyword arguments of kdrl_kernels.KDRLConfig (objective, beta, ...); "
-                                         "temperature comes from rollout.temperature, see loss_config"})
+    loss: KDRLConfig = field(default_factory=lambda: {"objective": "grpo"},
+                             metadata={"help": "the fields of kdrl_kernels.KDRLConfig (objective, beta, ...); a "
+                                               "mapping until validate() makes it the run's KDRLConfig, with "
+                                               "temperature from rollout.temperature (see loss_config)"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -164,25 +167,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         key, raw = item.split("=", 1)
         _set(tree, key.strip(), raw)
     cfg = _build(TrainConfig, tree, "")
-    validate(cfg)
+    validate(cfg)  # also turns the loss section into the run's KDRLConfig
     return cfg
 
 
-def loss_config(cfg: TrainConfig):
+def loss_config(cfg: TrainConfig) -> KDRLConfig:
     """The ``kdrl_kernels.KDRLConfig`` of the run: the ``loss`` section plus the fields derived from elsewhere.
 
     - ``temperature`` is ``rollout.temperature``: the ratio and the KD terms are computed under the distribution the
       rollouts were sampled from. Setting ``loss.temperature`` to another value is an error.
     - ``total_steps`` (cosine beta schedule) defaults to ``run.steps``: the schedule advances once per rollout step.
-    - ``scale_rewards`` is not accepted: the trainer computes advantages itself, ``rollout.scale_advantages`` decides.
-    - GRPO has no KD term: ``log_exact_kl`` is dropped (there is no teacher to compare with).
+    - ``scale_rewards`` is ``rollout.scale_advantages`` (the trainer computes the advantages); another value is an
+      error.
+    - An objective without a teacher has no KD term: ``log_exact_kl`` is dropped (there is no teacher to compare with).
+    The section may be a mapping (YAML) or a KDRLConfig (whose fields are then all taken as given).
     Raises ValueError naming the field when the loss section is invalid.
     """
-    from kdrl_kernels import KDRLConfig
-    loss = dict(cfg.loss)
-    if "scale_rewards" in loss:
-        raise ValueError("loss.scale_rewards is not used by the trainer (it passes advantages): set "
-                         "rollout.scale_advantages instead")
+    if isinstance(cfg.loss, KDRLConfig):
+        loss = dataclasses.asdict(cfg.loss)
+    elif isinstance(cfg.loss, dict):
+        loss = dict(cfg.loss)
+    else:
+        raise ValueError(f"loss must be a mapping of KDRLConfig fields, got {type(cfg.loss).__name__}")
+    scale = cfg.rollout.scale_advantages
+    if loss.get("scale_rewards", scale) != scale:
+        raise ValueError(f"loss.scale_rewards={loss['scale_rewards']} disagrees with rollout.scale_advantages={scale}: "
+                         "the trainer computes the advantages; set rollout.scale_advantages only")
+    loss["scale_rewards"] = scale
     t = cfg.rollout.temperature
     if "temperature" in loss and float(loss["temperature"]) != float(t):
         raise ValueError(f"loss.temperature={loss['temperature']} differs from rollout.temperature={t}: the loss "
@@ -190,22 +201,11 @@ def loss_config(cfg: TrainConfig):
     loss["temperature"] = t
     if loss.get("beta_schedule") == "cosine" and loss.get("total_steps") is None:
         loss["total_steps"] = cfg.run.steps
-    if loss.get("objective") == "grpo":
+    if loss.get("objective") in registry.OBJECTIVES and not registry.get_objective(loss["objective"]).needs_teacher:
         loss["log_exact_kl"] = False
-    numeric = {f.name for f in dataclasses.fields(KDRLConfig) if isinstance(f.default, (int, float))
-               and not isinstance(f.default, bool)} | {"total_steps", "max_len", "dual_clip", "chunk_size", "trrd_clamp"}
-    for key in numeric & set(loss):
-        if isinstance(loss[key], str):  # YAML reads 2e-3 (no dot) as a string
-            try:
-                value = float(loss[key])
-                loss[key] = int(value) if key in ("total_steps", "max_len", "chunk_size") else value
-            except ValueError:
-                raise ValueError(f"loss.{key} must be a number, got {loss[key]!r}") from None
     try:
-        return KDRLConfig(**loss)
-    except TypeError as err:  # an unknown keyword
-        raise ValueError(f"invalid loss section: {err}") from None
-    except ValueError as err:
+        return KDRLConfig.from_dict(loss, where="loss.")
+    except (TypeError, ValueError) as err:
         raise ValueError(f"invalid loss section: {err}") from None
 
 
@@ -227,12 +227,13 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.run.steps >= 0, f"run.steps must be >= 0, got {cfg.run.steps}"),
         (cfg.run.save_every >= 0, f"run.save_every must be >= 0 (0 = only at the end), got {cfg.run.save_every}"),
         (cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}"),
-        (isinstance(cfg.loss, dict) and "objective" in cfg.loss, "loss must be a mapping with an 'objective'"),
+        (isinstance(cfg.loss, KDRLConfig) or (isinstance(cfg.loss, dict) and "objective" in cfg.loss),
+         "loss must be a mapping with an 'objective'"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    lc = loss_config(cfg)  # the loss library's own checks, before any model is loaded
+    lc = cfg.loss = loss_config(cfg)  # the loss library's own checks, before any model is loaded
     if lc.needs_teacher and not cfg.model.teacher:
         raise ValueError(f"loss.objective={lc.objective!r} needs model.teacher")
     _validate_teacher_backend(cfg, lc)
@@ -264,6 +265,10 @@ def describe(cls=TrainConfig, prefix: str = "") -> str:
         if dataclasses.is_dataclass(f.default_factory() if callable(f.default_factory) else None):
             lines.append(f"[{prefix}{f.name}] {f.default_factory.__doc__ or ''}".rstrip())
             lines.append(describe(type(f.default_factory()), f"{prefix}{f.name}."))
+            continue
+        if f.name == "loss" and cls is TrainConfig:  # a mapping of the loss library's own, documented fields
+            lines.append(f"[loss] {f.metadata['help']}; default objective grpo")
+            lines.append(describe(KDRLConfig, "loss."))
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         lines.append(f"  {prefix}{f.name} = {default!r}: {f.metadata.get('help', '')}")

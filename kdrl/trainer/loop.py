@@ -22,38 +22,10 @@ from kdrl.trainer.config import TrainConfig, loss_config, validate
 from kdrl.trainer.logging import MetricsLogger, Progress, SampleLog
 from kdrl.trainer.resume import config_changes
 from kdrl.trainer.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
-from kdrl.trainer.step import (MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole,
-                               merge_metrics)
-from kdrl_kernels import KDRLLoss
+from kdrl.trainer.step import MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole
+from kdrl_kernels import KDRLLoss, registry, teacher_head
 
 __all__ = ["Trainer"]
-
-
-def describe_objective(lc) -> str:
-    """One phrase for the start-up line: what the loss is, with the KD term written as it enters."""
-    kd = "exact reverse KL" if lc.kl_estimator == "exact" else lc.kl_estimator
-    return {"grpo": "grpo (no KD term)",
-            "kd": f"kd (loss = {kd} to the teacher)",
-            "kdrl": f"kdrl (loss = GRPO + beta * {kd}, beta {lc.beta:g}"
-                    + (f" {lc.beta_schedule}" if lc.beta_schedule != "constant" else "") + ")",
-            "kdrl_shaping": f"kdrl_shaping (advantage - beta * (log p - log p_teacher), beta {lc.beta:g})",
-            "trrd": f"trrd (ratio against pi_old^{lc.trrd_alpha:g} * pi_teacher^{1 - lc.trrd_alpha:g})",
-            }.get(lc.objective, lc.objective)
-
-
-def kd_signal(objective: str, metrics: dict) -> dict:
-    """``kd_term`` (the KD term as it enters the loss: beta * kd) and ``kd_raw`` (kd) of a step's metrics.
-
-    kd / kdrl: ``kd_loss`` is the aggregated, masked estimate before the coefficient, ``beta`` the coefficient
-    applied (1 for kd). kdrl_shaping has no KD loss: the advantage of each token is lowered by
-    ``beta * (log p - log p_teacher)``, whose mean is ``beta * k1``. grpo / trrd: nothing.
-    """
-    beta = metrics.get("beta")
-    if objective in ("kd", "kdrl") and metrics.get("kd_loss") is not None and beta is not None:
-        return {"kd_raw": metrics["kd_loss"], "kd_term": beta * metrics["kd_loss"]}
-    if objective == "kdrl_shaping" and metrics.get("k1") is not None and beta is not None:
-        return {"kd_raw": metrics["k1"], "kd_term": beta * metrics["k1"]}
-    return {}
 
 
 def _size(n_bytes: float) -> str:
@@ -91,7 +63,7 @@ class Trainer:
         self.output_dir = Path(cfg.run.output_dir)
         self.loss_fn = KDRLLoss(loss_config(cfg))
         lc = self.loss_fn.config
-        say(f"config ok: {describe_objective(lc)}; {cfg.rollout.prompts_per_step} prompts x "
+        say(f"config ok: {registry.describe(lc)}; {cfg.rollout.prompts_per_step} prompts x "
             f"{cfg.rollout.group_size} samples x <= {cfg.rollout.max_new_tokens} tokens per step, "
             f"{cfg.run.steps} step{'' if cfg.run.steps == 1 else 's'}")
         for line in self.output_lines():
@@ -293,15 +265,11 @@ class Trainer:
         lc, mb = self.loss_fn.config, self.cfg.optim.micro_batch_size
         weight = self.teacher.get_output_embeddings().weight
         parts = [batch.rows(i, i + mb) for i in range(0, len(batch), mb)]
-        if lc.log_exact_kl or (lc.kl_estimator == "exact" and lc.objective in ("kd", "kdrl")):
+        if registry.teacher_input(lc) == "hidden":
             return {"teacher_hidden": torch.cat([hidden_states(self.teacher, p) for p in parts]),
                     "teacher_weight": weight}
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        if weight.shape[0] != vocab:
-            if not (weight.shape[0] > vocab and lc.truncate_teacher_vocab):
-                raise ValueError(f"teacher lm_head has {weight.shape[0]} rows, the student's {vocab}: set "
-                                 "loss.truncate_teacher_vocab=true if the extra teacher rows are padding")
-            weight = weight[:vocab]
+        weight, _ = teacher_head(self.model.get_output_embeddings().weight.shape[0], weight,
+                                 truncate=lc.truncate_teacher_vocab)
         return {"teacher_logprobs": torch.cat([
             fused_linear_logprobs(hidden_states(self.teacher, p), weight, p.targets.masked_fill(~p.mask, -100),
                                   temperature=lc.temperature)
@@ -344,7 +312,7 @@ class Trainer:
         size = len(batch) // n_updates
         if first:
             say(f"step {self.step + 1}: student forward/backward and update ...")
-        sums: dict[str, float] = {}
+        updates = []
         for u in range(n_updates):
             mini = batch.rows(u * size, (u + 1) * size)
             opt_step = self.step * n_updates + u  # warmup counts optimizer steps; the beta schedule rollout steps
@@ -357,13 +325,12 @@ class Trainer:
                     after_backward=self.master.accumulate)
             with timer("optimizer"):
                 m["grad_norm"] = self._optimizer_step(opt_step)
-            merge_metrics(sums, m, 1.0 / n_updates)
+            updates.append(m)
         with timer("weight_sync"):  # the hf generator takes a partial state dict: only what LoRA changed
             self.generator.update_weights(self.rollout_weights(changed_only=cfg.rollout.backend == "hf"))
         self.step += 1
-        if lc.objective in ("grpo", "trrd", "kd"):  # the KD coefficient applied, not the configured beta:
-            sums["beta"] = 1.0 if lc.objective == "kd" else 0.0  # kd weighs its KL by 1, grpo/trrd have none
-        sums.update(kd_signal(lc.objective, sums))
+        sums = registry.reduce_metrics(updates)  # each update weighs 1 / n_updates
+        sums.update(registry.kd_signal(lc, sums))
         self._first_step = False
         metrics = {**rollout_stats, **sums, "lr": self.optimizer.param_groups[0]["lr"]}
         metrics.update({f"time_{k}": v for k, v in timer.items()})

@@ -11,9 +11,9 @@ import torch
 
 from kdrl.trainer.rollout import RolloutBatch
 from kdrl_kernels import KDRLLoss
+from kdrl_kernels.registry import reduce_metrics
 
-__all__ = ["decoder", "hidden_states", "Timer", "MasterWeights", "backward_microbatches", "kd_groups_whole",
-           "merge_metrics"]
+__all__ = ["decoder", "hidden_states", "Timer", "MasterWeights", "backward_microbatches", "kd_groups_whole"]
 
 
 def decoder(model):
@@ -85,14 +85,15 @@ def backward_microbatches(model, loss_fn: KDRLLoss, batch: RolloutBatch, *, micr
     ``KDRLLoss`` normalises each call by its own rows (tokens, sequences or B * T, per ``aggregation``), so each
     micro-loss is scaled by its share of the batch's normaliser before backward. ``teacher_hidden (B, T, d_t)``,
     ``teacher_logprobs (B, T)`` and ``old_logprobs (B, T)`` are sliced along with the batch. ``after_backward()`` runs after each backward
-    (the fp32 master accumulation). Returns the batch's loss metrics (share-weighted means).
+    (the fp32 master accumulation). Returns the batch's loss metrics, reduced as ``kdrl_kernels.registry.METRICS``
+    says (the micro-batches weighted by their shares).
     """
     if loss_fn.config.kd_mask == "group_all_wrong":
         batch = kd_groups_whole(batch)
     share = _SHARES[loss_fn.config.aggregation]
     total = max(share(batch.mask), 1.0)
     weight = model.get_output_embeddings().weight
-    sums: dict[str, float] = {}
+    parts, shares = [], []
     for i in range(0, len(batch), micro_batch_size):
         part, rows = batch.rows(i, i + micro_batch_size), slice(i, i + micro_batch_size)
         scale = share(part.mask) / total
@@ -108,8 +109,9 @@ def backward_microbatches(model, loss_fn: KDRLLoss, batch: RolloutBatch, *, micr
         (loss * scale).backward()
         if after_backward is not None:
             after_backward()
-        merge_metrics(sums, metrics, scale)
-    return sums
+        parts.append(metrics)
+        shares.append(scale)
+    return reduce_metrics(parts, shares)
 
 
 def kd_groups_whole(batch: RolloutBatch) -> RolloutBatch:
@@ -121,15 +123,3 @@ def kd_groups_whole(batch: RolloutBatch) -> RolloutBatch:
     """
     solved = torch.zeros(int(batch.group_ids.max()) + 1).index_add_(0, batch.group_ids, batch.correct.float())
     return dataclasses.replace(batch, correct=solved[batch.group_ids] > 0)
-
-
-def merge_metrics(sums: dict, metrics: dict, scale: float) -> None:
-    """Fold one micro-batch's loss metrics into the step's: shares-weighted means, summed counts, min/max."""
-    for key, value in metrics.items():
-        if key == "num_tokens":
-            sums[key] = sums.get(key, 0.0) + value
-        elif key in ("ratio_min", "ratio_max"):
-            pick = min if key == "ratio_min" else max
-            sums[key] = pick(sums.get(key, value), value)
-        else:
-            sums[key] = sums.get(key, 0.0) + value * scale
