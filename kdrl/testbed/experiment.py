@@ -29,7 +29,7 @@ from kdrl.testbed.task import (EVAL_SAMPLES, INIT_STD, PAD, Problem, build_model
                                sample, sft)
 from kdrl.trainer.rollout import PromptSampler, build_batch, rollout_metrics
 from kdrl.trainer.step import backward_microbatches, hidden_states, kd_groups_whole
-from kdrl_kernels import KDRLConfig, KDRLLoss
+from kdrl_kernels import KDRLConfig, KDRLLoss, registry
 
 __all__ = ["TestbedConfig", "quick_config", "METHODS", "datasets", "pretrain_pair", "rl_run", "run_table", "main"]
 
@@ -147,6 +147,18 @@ def method_configs(steps: int) -> dict[str, dict]:
 METHODS = tuple(method_configs(1))
 
 
+def method_config(method: str, steps: int) -> dict:
+    """The KDRLConfig fields of ``method``: a named method of the table, or any objective registered in
+    ``kdrl_kernels.registry`` (then with the table's constant beta)."""
+    named = method_configs(steps)
+    if method in named:
+        return named[method]
+    if method in registry.OBJECTIVES:
+        return dict(objective=method, beta=2e-3 * BETA_SCALE)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} or a registered objective "
+                     f"({', '.join(sorted(registry.OBJECTIVES))})")
+
+
 def rl_run(method: str, seed: int, student_state: dict, teacher, cfg: TestbedConfig, train, heldout,
            say=print) -> dict:
     """One run from the pre-trained student; returns its curve (held-out accuracy every ``eval_every`` steps)."""
@@ -154,7 +166,7 @@ def rl_run(method: str, seed: int, student_state: dict, teacher, cfg: TestbedCon
     model = build_model(cfg.student_hidden, cfg.student_layers, seed=0)
     model.load_state_dict(student_state)
     model.eval()  # no dropout anyway; eval() keeps sampling and training on the same function
-    lc = KDRLConfig(**method_configs(cfg.steps)[method], log_exact_kl=True, compute_entropy=False)
+    lc = KDRLConfig(**method_config(method, cfg.steps), log_exact_kl=True, compute_entropy=False)
     loss_fn = KDRLLoss(lc)
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
@@ -334,9 +346,10 @@ def main(argv=None) -> int:
         cfg.steps = args.steps
     if args.methods:
         cfg.methods = tuple(args.methods.split(","))
-        unknown = set(cfg.methods) - set(METHODS)
+        unknown = set(cfg.methods) - set(METHODS) - set(registry.OBJECTIVES)
         if unknown:
-            parser.error(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)}")
+            parser.error(f"unknown methods {sorted(unknown)}; choose from {','.join(METHODS)} or a registered "
+                         f"objective ({','.join(sorted(registry.OBJECTIVES))})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     say(f"writing to {out}/ (runs.jsonl, cached pre-trained pair)"
