@@ -77,7 +77,7 @@ def test_run_py_rejects_bad_arguments():
         run_main(["--tasks", "gsm9k"])
     with pytest.raises(ValueError, match="temperature"):
         run_main(["--n", "4", "--tasks", "aime24"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--limit 0"):
         run_main(["--tasks", "aime24", "--limit", "0"])
 
 
