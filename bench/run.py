@@ -102,8 +102,8 @@ def _check(args, ap) -> None:
 
 
 def parse_args(argv=None):
-    ap = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                 epilog=__doc__)
+    ap = _Parser(prog="bench/run.py", description=__doc__.split("\n\n")[0],
+                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="one small KDRL case (< 1 min)")
     size.add_argument("--full", action="store_true", help="all workloads, shapes, dtypes and sweeps")
