@@ -177,17 +177,19 @@ def _banner(run_name: str, args, backend: str, source: str, tasks: list[str], to
     rate = measured_rate(args.model, backend)
     first = _first_use(args.model)
     load = projected_load_seconds(args.model, backend, first)
-    load_text = (f"model load {_span(*load)}" + (" (first use: download and conversion)" if first else "")
-                 if load else "plus model load (" + ("first use: download and conversion, minutes; " if first else "")
-                 + "not measured for this model)")
+    why = "first use: download and conversion" if first else "engine start" if backend == "vllm" else "load"
+    load_text = f"model load {_span(*load)} ({why})" if load else \
+        f"model load not measured for this model ({why}{', minutes' if first else ''})"
+    pad = " " * 11
     if proj is None:
-        lines.append(f"  time     not measured for this model on {backend}: the ETA follows after the first chunk")
+        lines.append(f"  time     not measured for this model on {backend}: the ETA follows after the first chunk;\n"
+                     f"{pad}{load_text}")
     else:
         speed = f"{rate[0]:g}" if rate[0] == rate[1] else f"{rate[0]:g}-{rate[1]:g}"
-        total_text = f"projected {_span(proj[0] + load[0], proj[1] + load[1])}: " if load else "projected "
-        lines.append(f"  time     {total_text}{_span(*proj)} of generation ({sum(todo.values()) * args.n} samples; "
-                     f"{speed} tok/s measured on a 2-core CPU in full batches, less in small ones), {load_text}; "
-                     "the ETA updates after every chunk")
+        total = f"projected {_span(proj[0] + load[0], proj[1] + load[1])} in all: " if load else "projected "
+        lines.append(f"  time     {total}{_span(*proj)} of generation ({sum(todo.values()) * args.n} samples at "
+                     f"{speed} tok/s as measured\n{pad}on a 2-core CPU in full batches, less in small ones);\n"
+                     f"{pad}{load_text}; the ETA updates after every chunk")
     text = "\n".join(lines)
     if fell_back:
         bar = "!" * 100
