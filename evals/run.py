@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> dict:
         store.check_config(config, write=False)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    holder = store.holder()
+    if holder:
+        raise UsageError(f"run directory {store.dir} is in use by {holder}; wait for that run to end (rerunning then "
+                         "resumes it) or pass another --run-name")
     for seg in cleanup_stale_segments():
         _say(f"removed {seg}: a shared-memory segment left by a run that was killed")
 
@@ -281,7 +285,11 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         load_seconds = ticker.done()
     _say(f"{run_name}: model loaded in {fmt_duration(load_seconds)}")
-    store.check_config(config)  # the run starts here: its folder and config.json
+    try:
+        store.lock()  # the run starts here: its folder, its lock and config.json
+        store.check_config(config)
+    except ValueError as e:  # another run took the folder while the model loaded
+        raise UsageError(str(e)) from None
     rate = measured_rate(args.model, backend)
     progress = RunProgress(total, done, args.max_new_tokens, prior_tok_s=min(rate) if rate else None)
     base = {"run_name": run_name, "model": args.model, "model_path": str(generator.model_path),

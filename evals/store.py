@@ -4,6 +4,7 @@ Layout of a run directory:
     config.json            settings that define the run (a resumed run must have the same ones)
     samples/<task>.jsonl   one graded sample per line, appended (and fsynced) after each generation chunk
     results.json           metrics, written at the end
+    .lock                  held (flock) by the run writing here: a second run into the same folder is refused
 Nothing is created before the run has really started (`create=False`, then `start(config)` once the model is
 loaded), so a run refused at start leaves no folder behind.
 
@@ -14,8 +15,10 @@ only the sample it held is generated again. Samples are keyed by (problem id, sa
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -47,6 +50,38 @@ class RunStore:
 
     def _mkdirs(self) -> None:
         (self.dir / "samples").mkdir(parents=True, exist_ok=True)
+
+    # -- one writer -----------------------------------------------------------------------------------------
+    def holder(self) -> str | None:
+        """Who holds this run directory ("pid N on HOST since T"), or None when no live process does. Reads only.
+        The lock is an flock, which the kernel drops when its process ends, however it ends: no stale locks."""
+        path = self.dir / ".lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except OSError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)  # closing drops our probe's shared lock, if we got one
+
+    def lock(self) -> None:
+        """Hold this run directory for the rest of the process (ValueError naming the holder when another has it)."""
+        self._mkdirs()
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            who = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"run directory {self.dir} is in use by {who}; wait for that run to end (rerunning "
+                             "then resumes it) or pass another --run-name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+        self._lock_fd = fd  # kept open (and locked) until the process ends
 
     # -- configuration ------------------------------------------------------------------------------------
     def check_config(self, config: dict, write: bool = True) -> None:

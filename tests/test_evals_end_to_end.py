@@ -154,4 +154,5 @@ def test_interrupt_exits_cleanly_and_keeps_samples(tiny_model, tmp_path, sig, co
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err and "rerun the same command to resume" in err
+    assert err.strip().splitlines()[-1].startswith("interrupted (")  # the message is the last thing printed
     assert samples.read_text().count("\n") >= 2 and "ETA" in err
