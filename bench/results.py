@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -83,6 +84,12 @@ def append(records, out_dir):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     jsonl, csv_path = out / "results.jsonl", out / "results.csv"
+    for path in (jsonl, csv_path):  # a record cut by a crash mid-write stays on a line of its own (load skips it)
+        if path.exists() and path.stat().st_size:
+            with open(path, "rb+") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
     with open(jsonl, "a") as f:
         for rec in records:
             f.write(json.dumps({k: rec.get(k) for k in FIELDS}) + "\n")
@@ -97,12 +104,24 @@ def append(records, out_dir):
 
 
 def load(out_dir, run_id=None):
-    """Records of ``out_dir/results.jsonl`` (of one run when ``run_id`` is given)."""
+    """Records of ``out_dir/results.jsonl`` (of one run when ``run_id`` is given). A line that is not a record (one
+    cut short by a crash, a hand edit) is skipped with a warning on stderr; the lines after it count."""
     path = Path(out_dir) / "results.jsonl"
     if not path.exists():
         return []
-    with open(path) as f:
-        recs = [json.loads(line) for line in f if line.strip()]
+    recs = []
+    with open(path, "rb") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:  # bad JSON or bad UTF-8
+                rec = None
+            if isinstance(rec, dict):
+                recs.append(rec)
+            else:
+                print(f"warning: {path}: line {i} is not a result record: skipped", file=sys.stderr)
     return [r for r in recs if run_id is None or r.get("run_id") == run_id]
 
 

@@ -9,7 +9,8 @@
 Prints a table per case, the target checks and the static GPU report; the LAST stdout line is one JSON document.
 Appends every record to <out>/results.jsonl and <out>/results.csv and draws <out>/plots/*.png.
 Progress goes to stderr. A long run interrupted part-way resumes with ``--resume RUN_ID`` (cases already recorded
-under that run id are not run again). See bench/README.md for the FLOP model and what memory counts.
+under that run id are not run again). Every argument, the output folder and the run id are checked before the
+first case (a bad one: one line naming it, exit 2). See bench/README.md for the FLOP model and what memory counts.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import gc
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,9 +38,72 @@ SUMMARY_KEYS = ("workload", "model", "vocab", "n_tokens", "dtype", "device", "pr
                 "note")
 
 
+class UsageError(ValueError):
+    """A bad argument, found before the first case."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``run.py: error: ...``) and exit 2, not a usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
+def _check_out(out) -> None:
+    """``out`` is a directory we can write into or create (nearest existing ancestor writable); creates nothing."""
+    p = Path(out).expanduser().absolute()
+    probe = p
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: " + ("is a file" if probe == p else f"cannot be created: {probe} is a file")
+                         + "; expected a directory")
+    try:  # a real write, not os.access: that says yes to root everywhere, /proc included
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as err:
+        raise UsageError(f"--out {out}: cannot write in {probe} ({err.strerror})") from None
+    for name in ("results.jsonl", "results.csv"):
+        f = p / name
+        if f.exists() and (not f.is_file() or not os.access(f, os.W_OK)):
+            raise UsageError(f"--out {out}: {f} is not a writable file")
+
+
+def _check_resume(out, run_id) -> None:
+    """``run_id`` has records in ``out/results.jsonl``; else the error names the run ids that are there."""
+    try:
+        ids = list(dict.fromkeys(r.get("run_id") for r in results.load(out)))
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--resume {run_id}: cannot read {Path(out) / 'results.jsonl'}: {err}") from None
+    if run_id not in ids:
+        there = ", ".join(map(str, ids[-5:])) + (f" (and {len(ids) - 5} older)" if len(ids) > 5 else "")
+        raise UsageError(f"--resume {run_id}: no such run in {Path(out) / 'results.jsonl'}; "
+                         + (f"runs there: {there}" if ids else "it holds no runs"))
+
+
+def _check(args, ap) -> None:
+    """Every argument checked before any work: one line naming the option and what it expects, exit 2."""
+    for opt, vals, low in (("--tokens", args.tokens, 1), ("--warmup", [args.warmup], 0),
+                           ("--repeats", [args.repeats], 1), ("--threads", [args.threads], 1)):
+        for v in vals or []:
+            if v is not None and v < low:
+                ap.error(f"{opt} {v}: expected an integer >= {low}")
+    if args.interpret and not args.smoke:
+        ap.error("--interpret runs Triton kernels in the interpreter and is only allowed with --smoke")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    try:
+        providers.select(args.providers, liger_compiled=not args.liger_eager)
+        _check_out(args.out)
+        if args.resume is not None:
+            _check_resume(args.out, args.resume)
+        plan(args)
+    except (UsageError, ValueError) as err:
+        ap.error(str(err))
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = _Parser(prog="bench/run.py", description=__doc__.split("\n\n")[0],
+                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="one small KDRL case (< 1 min)")
     size.add_argument("--full", action="store_true", help="all workloads, shapes, dtypes and sweeps")
@@ -64,10 +129,7 @@ def parse_args(argv=None):
     ap.add_argument("--out", default=str(REPO / "bench" / "results"), help="results directory")
     ap.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run with this run id")
     args = ap.parse_args(argv)
-    if args.interpret and not args.smoke:
-        ap.error("--interpret runs Triton kernels in the interpreter and is only allowed with --smoke")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda but torch.cuda.is_available() is False")
+    _check(args, ap)
     return args
 
 
@@ -84,14 +146,14 @@ def plan(args):
             for dtype in args.dtypes or [c.dtype]:
                 seq = min(n, c.seq_len)
                 if n % seq:
-                    raise SystemExit(f"--tokens {n} is not a multiple of the sequence length {seq}")
+                    raise UsageError(f"--tokens {n}: expected a multiple of the sequence length {seq}")
                 nc = dataclasses.replace(c, n_tokens=n, seq_len=seq, dtype=dtype)
                 variants.setdefault(nc.key(), nc)
     cases = list(variants.values())
     warmup = pre.warmup if args.warmup is None else args.warmup
     repeats = pre.repeats if args.repeats is None else args.repeats
     if repeats < 1 or warmup < 0:
-        raise SystemExit("--repeats must be >= 1 and --warmup >= 0")
+        raise UsageError("--repeats must be >= 1 and --warmup >= 0")
     return name, cases, warmup, repeats, pre
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from datetime import datetime, timedelta, timezone
 
-__all__ = ["MEASURED_TOK_S", "TOKENS_PER_SAMPLE_FRACTION", "measured_rate", "projected_seconds", "fmt_duration",
-           "RunProgress"]
+__all__ = ["MEASURED_TOK_S", "MEASURED_BATCH", "TOKENS_PER_SAMPLE_FRACTION", "measured_rate", "projected_seconds",
+           "projected_load_seconds", "fmt_duration", "RunProgress"]
 
 # Response tokens per second, (busy machine, quiet machine), measured here with greedy decoding at 512 new tokens
 # (see evals/README.md, "Defaults and how long they take"). A pair with one value was measured once.
@@ -26,6 +26,22 @@ MEASURED_TOK_S: dict[tuple[str, str], tuple[float, float]] = {
     ("qwen2.5-coder-0.5b-instruct", "hf"): (1.6, 5.4),
     ("qwen2.5-coder-1.5b-instruct", "vllm"): (47.0, 84.0),
 }
+# Sequences generated together when each rate above was measured, (busy, quiet): 20-prompt chunks in the busy
+# 140-sample subset, 64-prompt chunks in the quiet runs, one batch of 16 for hf. The 1.5B's quiet rate was measured
+# batched without the batch recorded; 64 is the cautious choice (it projects small runs slower).
+MEASURED_BATCH: dict[tuple[str, str], tuple[int, int]] = {
+    ("smollm2-135m-instruct", "vllm"): (20, 64),
+    ("smollm2-135m-instruct", "hf"): (16, 16),
+    ("qwen2.5-coder-0.5b-instruct", "vllm"): (20, 64),
+    ("qwen2.5-coder-0.5b-instruct", "hf"): (16, 16),
+    ("qwen2.5-coder-1.5b-instruct", "vllm"): (20, 64),
+}
+# Seconds before the first token, (quiet, busy). Converted model: vLLM engine start + load, SmolLM2 (evals/README).
+# First use of a registry model (download from the package registry + conversion to bf16, then the engine): the
+# default model took 104 s on a quiet 2-core AMX Xeon (3,114 s in all minus 3,010 s of generation) and 343 s for
+# download and conversion alone on a loaded machine.
+LOAD_S: dict[tuple[str, str], tuple[float, float]] = {("smollm2-135m-instruct", "vllm"): (24.0, 62.0)}
+FIRST_USE_S: dict[str, tuple[float, float]] = {"qwen2.5-coder-0.5b-instruct": (104.0, 343.0)}
 # The example runs wrote 402-445 tokens per answer at a 512-token budget (many answers hit the limit).
 TOKENS_PER_SAMPLE_FRACTION = 0.85
 
@@ -35,13 +51,34 @@ def measured_rate(model: str, backend: str) -> tuple[float, float] | None:
     return MEASURED_TOK_S.get((str(model), backend))
 
 
-def projected_seconds(samples: int, max_new_tokens: int, model: str, backend: str) -> tuple[float, float] | None:
-    """(fastest, slowest) projected generation seconds for `samples` answers, or None for an unmeasured pair."""
+def projected_seconds(samples: int, max_new_tokens: int, model: str, backend: str,
+                      batch: int | None = None) -> tuple[float, float] | None:
+    """(fastest, slowest) projected generation seconds for `samples` answers, or None for an unmeasured pair.
+
+    batch: sequences per generate call (None: at least the batch the rates were measured at). Decoding a small
+    batch on a CPU is bound by reading the weights once per step, whatever the batch, so throughput falls about in
+    proportion to the batch below the measured one (a run of 3 problems per task gets about 3/20 of the busy rate).
+    Checked against one measured small run: `--tasks math --limit 3` (Qwen 0.5B, vLLM, chunks of 3 prompts) took 18
+    min of generation at 7.4 tok/s on a loaded machine, where this projects 9-12 min (and said 26 s - 1 min before).
+    """
     rate = measured_rate(model, backend)
     if rate is None or samples <= 0:
         return None if rate is None else (0.0, 0.0)
     tokens = samples * TOKENS_PER_SAMPLE_FRACTION * max_new_tokens
-    return tokens / max(rate), tokens / min(rate)
+    busy_b, quiet_b = MEASURED_BATCH.get((str(model), backend), (1, 1))
+    busy, quiet = min(rate), max(rate)
+    if batch is not None:
+        busy *= min(1.0, batch / busy_b)
+        quiet *= min(1.0, batch / quiet_b)
+    return tokens / quiet, tokens / busy
+
+
+def projected_load_seconds(model: str, backend: str, first_use: bool) -> tuple[float, float] | None:
+    """(quiet, busy) seconds from start to the first token (model download/conversion on first use, engine start),
+    or None where not measured."""
+    if first_use:
+        return FIRST_USE_S.get(str(model))
+    return LOAD_S.get((str(model), backend))
 
 
 def fmt_duration(seconds: float) -> str:

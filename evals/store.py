@@ -4,26 +4,89 @@ Layout of a run directory:
     config.json            settings that define the run (a resumed run must have the same ones)
     samples/<task>.jsonl   one graded sample per line, appended (and fsynced) after each generation chunk
     results.json           metrics, written at the end
-A line cut off by an interruption (no trailing newline or invalid JSON) is dropped on the next start; the
-problem it belonged to is generated again. Samples are keyed by (problem id, sample index).
+    .lock                  held (flock) by the run writing here: a second run into the same folder is refused
+Nothing is created before the run has really started (`create=False`, then `start(config)` once the model is
+loaded), so a run refused at start leaves no folder behind.
+
+A partial LAST line (an interrupted or disk-full write: no trailing newline and not a whole record) is cut on the
+next start, with a message; its sample is generated again. A garbled line elsewhere (say, a hand edit or a
+corrupted block) is skipped with a warning and left in the file as it is: the lines after it stay and count, and
+only the sample it held is generated again. Samples are keyed by (problem id, sample index).
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import platform
+import sys
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 __all__ = ["RunStore"]
 
 
+def _note(msg: str) -> None:
+    """A message on stderr that does not share a line with a progress bar."""
+    tqdm.write(msg, file=sys.stderr)
+
+
+def _record(line: bytes) -> dict | None:
+    """The sample a JSONL line holds, or None when the line is not one (bad JSON, bad UTF-8, no id/sample)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+        return None
+    return rec if isinstance(rec, dict) and "id" in rec and "sample" in rec else None
+
+
 class RunStore:
-    def __init__(self, run_dir: str | os.PathLike):
+    def __init__(self, run_dir: str | os.PathLike, create: bool = True):
         self.dir = Path(run_dir)
+        self._warned: set[tuple[Path, int]] = set()  # garbled lines already reported (load runs every chunk)
+        if create:
+            self._mkdirs()
+
+    def _mkdirs(self) -> None:
         (self.dir / "samples").mkdir(parents=True, exist_ok=True)
 
+    # -- one writer -----------------------------------------------------------------------------------------
+    def holder(self) -> str | None:
+        """Who holds this run directory ("pid N on HOST since T"), or None when no live process does. Reads only.
+        The lock is an flock, which the kernel drops when its process ends, however it ends: no stale locks."""
+        path = self.dir / ".lock"
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except OSError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)  # closing drops our probe's shared lock, if we got one
+
+    def lock(self) -> None:
+        """Hold this run directory for the rest of the process (ValueError naming the holder when another has it)."""
+        self._mkdirs()
+        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            who = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise ValueError(f"run directory {self.dir} is in use by {who}; wait for that run to end (rerunning "
+                             "then resumes it) or pass another --run-name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
+        self._lock_fd = fd  # kept open (and locked) until the process ends
+
     # -- configuration ------------------------------------------------------------------------------------
-    def check_config(self, config: dict) -> None:
-        """Write config.json on the first start; on a resume, refuse settings that differ from the stored ones."""
+    def check_config(self, config: dict, write: bool = True) -> None:
+        """On a resume, refuse settings that differ from the stored ones (ValueError naming them). With `write`,
+        create the run directory and write config.json on the first start; without, only compare."""
         path = self.dir / "config.json"
         config = json.loads(json.dumps(config))  # compare as stored: tuples become lists
         if path.exists():
@@ -31,8 +94,11 @@ class RunStore:
             diff = {k: (stored.get(k), config.get(k)) for k in set(stored) | set(config) if stored.get(k) != config.get(k)}
             if diff:
                 raise ValueError(f"run directory {self.dir} holds a run with other settings {diff} "
-                                 "(stored, requested); pass another --run-name or delete the directory")
+                                 "(stored, requested); pass another --run-name (or move that directory aside)")
             return
+        if not write:
+            return
+        self._mkdirs()
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
         tmp.replace(path)
@@ -42,28 +108,49 @@ class RunStore:
         return self.dir / "samples" / f"{task}.jsonl"
 
     def load(self, task: str) -> list[dict]:
-        """Complete records of a task; a truncated last line is removed from the file."""
+        """Valid records of a task, in file order.
+
+        A garbled line is skipped with a warning (once per line) and kept in the file; the lines after it count.
+        A last line without its newline is a write cut short: kept (newline added) when it is a whole record, else
+        cut from the file with a message, so that the next append starts on a clean line.
+        """
         path = self.path(task)
         if not path.exists():
             return []
         raw = path.read_bytes()
-        records, good_bytes = [], 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_bytes += len(line)
-        if good_bytes != len(raw):
-            with open(path, "r+b") as f:  # drop the partial tail so appends start on a clean line
-                f.truncate(good_bytes)
+        lines = raw.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        records = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            rec = _record(line)
+            if rec is not None:
+                records.append(rec)
+            elif (path, i) not in self._warned:
+                self._warned.add((path, i))
+                _note(f"warning: {path}: line {i} is not a valid sample record ({line[:60]!r}...): skipped, "
+                      "left in the file as it is; the sample it held will be generated again")
+        if tail.strip():
+            rec = _record(tail)
+            with open(path, "r+b") as f:
+                if rec is not None:  # a whole record that lost only its newline
+                    f.seek(len(raw))
+                    f.write(b"\n")
+                    records.append(rec)
+                else:
+                    f.truncate(len(raw) - len(tail))
+                    _note(f"{path}: cut a partial last line ({len(tail)} bytes, from a write that was interrupted "
+                          "or ran out of space); its sample will be generated again")
+        elif tail:  # whitespace only
+            with open(path, "r+b") as f:
+                f.truncate(len(raw) - len(tail))
         return records
 
     def append(self, task: str, records: list[dict]) -> None:
         if not records:
             return
+        self._mkdirs()
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         with open(self.path(task), "a", encoding="utf-8") as f:
             f.write(data)
@@ -89,11 +176,13 @@ class RunStore:
 
     def rewrite(self, task: str, records: list[dict]) -> None:
         """Replace a task's samples atomically (used to re-grade stored samples with a newer grader)."""
+        self._mkdirs()
         tmp = self.path(task).with_suffix(".rewrite")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
         tmp.replace(self.path(task))
 
     def write_json(self, name: str, obj: dict) -> Path:
+        self._mkdirs()
         path = self.dir / name
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))

@@ -77,7 +77,7 @@ def test_run_py_rejects_bad_arguments():
         run_main(["--tasks", "gsm9k"])
     with pytest.raises(ValueError, match="temperature"):
         run_main(["--n", "4", "--tasks", "aime24"])
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--limit 0"):
         run_main(["--tasks", "aime24", "--limit", "0"])
 
 
@@ -154,4 +154,5 @@ def test_interrupt_exits_cleanly_and_keeps_samples(tiny_model, tmp_path, sig, co
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err and "rerun the same command to resume" in err
+    assert err.strip().splitlines()[-1].startswith("interrupted (")  # the message is the last thing printed
     assert samples.read_text().count("\n") >= 2 and "ETA" in err
