@@ -405,3 +405,29 @@ def test_manifest_checks_size_and_sha256_and_names_the_file(tmp_path):
         load_checkpoint(ckpt, params, opt)
     (ckpt / "manifest.json").unlink()  # a checkpoint from before manifests: loadable, reported as unverified
     assert verify_checkpoint(ckpt) is False
+
+
+def test_a_forked_child_does_not_keep_or_clear_its_parents_lock(tmp_path):
+    """Generation engines may fork workers that outlive a killed trainer: they must not hold the lock."""
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    record = (tmp_path / LOCK_NAME).read_text()
+    to_parent, to_child = os.pipe(), os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: releasing (or exiting) must leave the parent's record alone
+        lock.release()
+        os.write(to_parent[1], b"x")
+        os.read(to_child[0], 1)  # wait for the parent's go
+        os._exit(0)
+    try:
+        assert os.read(to_parent[0], 1) == b"x"
+        assert (tmp_path / LOCK_NAME).read_text() == record
+        lock.release()
+        other = RunLock(tmp_path)
+        other.acquire()  # would be refused if the live child shared the flock
+        other.release()
+    finally:
+        os.write(to_child[1], b"x")
+        os.waitpid(pid, 0)
+        for fd in to_parent + to_child:
+            os.close(fd)

@@ -51,13 +51,34 @@ def _holder(record: dict) -> str:
             f"({record.get('command', '?')})")
 
 
-def _release(fd: int) -> None:
-    """Empty the lock file (free: no holder) and drop the flock. Also run when a Trainer is garbage-collected."""
+_HELD: set[int] = set()  # descriptors of the locks this process holds
+
+
+def _release(fd: int, owner: int) -> None:
+    """Empty the lock file (free: no holder) and drop the flock. Also run when a Trainer is garbage-collected
+    and at exit; never in a forked child (``owner`` is the PID that took the lock): the lock is its parent's."""
+    if os.getpid() != owner:
+        return
+    _HELD.discard(fd)
     try:
         os.ftruncate(fd, 0)
     except OSError:
         pass
     os.close(fd)  # closing the descriptor releases the flock
+
+
+def _close_in_child() -> None:
+    """A forked child (a generation engine's worker, say) shares its parent's flock through the inherited
+    descriptor and would keep the directory locked after the parent died: close it there."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class RunLock:
@@ -108,7 +129,8 @@ class RunLock:
         except BaseException:
             os.close(fd)
             raise
-        self._finalizer = weakref.finalize(self, _release, fd)
+        _HELD.add(fd)
+        self._finalizer = weakref.finalize(self, _release, fd, os.getpid())
 
     def _take_over(self, old: dict, flocked: bool, warn) -> None:
         """A lock file naming a holder that does not hold the lock: say whose it was, or refuse if unsure."""
