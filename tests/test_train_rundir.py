@@ -431,3 +431,17 @@ def test_a_forked_child_does_not_keep_or_clear_its_parents_lock(tmp_path):
         os.waitpid(pid, 0)
         for fd in to_parent + to_child:
             os.close(fd)
+
+
+def test_a_run_without_a_checkpoint_is_not_started_over_silently(tmp_path):
+    from kdrl.trainer.rundir import open_run_dir
+    (tmp_path / "metrics.jsonl").write_text("")  # a run killed inside its first step: nothing to keep
+    (tmp_path / "samples.jsonl").write_text("")
+    lock, ckpt = open_run_dir(tmp_path, resume=True, fresh=False)
+    assert ckpt is None
+    lock.release()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')  # a step logged, never checkpointed (save_every=0)
+    with pytest.raises(ConfigError, match="metrics.jsonl \\(1 line\\).* no intact checkpoint to resume from.*--fresh"):
+        open_run_dir(tmp_path, resume=True, fresh=False)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n'
+    assert (tmp_path / LOCK_NAME).read_text() == ""  # the refusal released the lock

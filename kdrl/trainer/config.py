@@ -308,6 +308,7 @@ def validate(cfg: TrainConfig) -> None:
     _check_types(cfg)
     m, d, r, o, run = cfg.model, cfg.data, cfg.rollout, cfg.optim, cfg.run
     tasks = TRAINING_SETS + BENCHMARKS
+    chat_styles = tuple(style for style in STYLES if style != "fewshot")  # the trainer renders chat templates
     betas_ok = (len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
                                           for b in o.betas))
     checks = [
@@ -317,8 +318,8 @@ def validate(cfg: TrainConfig) -> None:
         (m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}"),
         (d.task in tasks, f"data.task must be one of {', '.join(tasks)} (kdrl.data), got {d.task!r}"),
         (d.limit is None or d.limit >= 1, f"data.limit must be >= 1 or null (all problems), got {d.limit}"),
-        (d.prompt_style in STYLES[:2], f"data.prompt_style must be one of {', '.join(STYLES[:2])} (chat styles), "
-                                       f"got {d.prompt_style!r}"),
+        (d.prompt_style in chat_styles, f"data.prompt_style must be one of {', '.join(chat_styles)} (the chat "
+                                        f"styles of kdrl.prompts), got {d.prompt_style!r}"),
         (r.backend in ("hf", "vllm"), f"rollout.backend must be hf or vllm, got {r.backend!r}"),
         (r.group_size >= 2, f"rollout.group_size must be >= 2 for group-normalised advantages, got {r.group_size}"),
         (r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}"),

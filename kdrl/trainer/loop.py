@@ -443,6 +443,7 @@ class Trainer:
             self._lock.release()
 
     def _run(self, run, say) -> list[dict]:
+        """:meth:`run` while the run directory is locked."""
         logger = MetricsLogger(self.output_dir, run.steps, self.step, run.tensorboard, run.progress)
         samples = SampleLog(self.output_dir, self.step)
         history = []
