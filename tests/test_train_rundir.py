@@ -120,7 +120,8 @@ def test_config_file_errors_and_unusable_output_dirs_are_one_line(tmp_path, caps
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     for out in (a_file, a_file / "below"):  # the output directory is a file, or lies under one
-        line = refused(capsys, lambda: main(["--set", "loss.objective=grpo", "--set", f"run.output_dir={out}"]))
+        line = refused(capsys, lambda out=out: main(["--set", "loss.objective=grpo",
+                                                     "--set", f"run.output_dir={out}"]))
         assert "run.output_dir" in line and "not a directory" in line
     assert a_file.read_text() == "x"
 
@@ -322,8 +323,8 @@ def test_sigkill_after_the_checkpoint_commit_keeps_every_record(pair, reference,
               "loop.commit_checkpoint = commit_then_die\n"
               "from kdrl.train import main\n"
               "main(sys.argv[1:])\n")
-    proc = subprocess.run([sys.executable, "-c", script] + args(pair, out), capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script, *args(pair, out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
     main(args(pair, out))

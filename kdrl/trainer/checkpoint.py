@@ -207,8 +207,9 @@ def verify_checkpoint(path: str | Path) -> bool:
             raise CheckpointError(f"checkpoint {path}: {name} is missing")
         size = f.stat().st_size
         if size != want.get("bytes"):
+            how = "truncated" if size < (want.get("bytes") or 0) else "altered"
             raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, the manifest says "
-                                  f"{want.get('bytes')} ({'truncated' if size < (want.get('bytes') or 0) else 'altered'})")
+                                  f"{want.get('bytes')} ({how})")
         if _sha256(f) != want.get("sha256"):
             raise CheckpointError(f"checkpoint {path}: {name} is corrupt (its sha256 differs from the manifest's)")
     return True

@@ -21,8 +21,8 @@ from kdrl.trainer.checkpoint import checkpoint_bytes, commit_checkpoint, load_ch
 from kdrl.trainer.config import ConfigError, TrainConfig, loss_config, validate
 from kdrl.trainer.logging import MetricsLogger, Progress, SampleLog
 from kdrl.trainer.resume import config_changes
-from kdrl.trainer.rundir import open_run_dir
 from kdrl.trainer.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
+from kdrl.trainer.rundir import open_run_dir
 from kdrl.trainer.step import (MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole,
                                merge_metrics)
 from kdrl_kernels import KDRLLoss
