@@ -161,6 +161,14 @@ class RunLock:
             self._finalizer()
 
 
+def _count_lines(path: Path) -> int:
+    n = 0
+    with open(path, "rb") as f:  # in chunks: a long run's samples.jsonl is large
+        while chunk := f.read(1 << 20):
+            n += chunk.count(b"\n")
+    return n
+
+
 def run_contents(output_dir: str | Path) -> list[str]:
     """What of a run ``output_dir`` holds, one phrase per item (``[]``: nothing, the directory may be used).
 
@@ -176,7 +184,7 @@ def run_contents(output_dir: str | Path) -> list[str]:
         if name == LOCK_NAME or (name in ("metrics.jsonl", "samples.jsonl") and entry.stat().st_size == 0):
             continue
         if name.endswith(".jsonl") and entry.is_file():
-            lines = entry.read_bytes().count(b"\n")
+            lines = _count_lines(entry)
             found.append(f"{name} ({lines} line{'' if lines == 1 else 's'})")
         elif name == "checkpoints" and entry.is_dir():
             steps = [p.name for p in list_checkpoints(out)]
