@@ -1,6 +1,9 @@
 """The trainer's command line: ``python -m kdrl.train --config configs/kdrl.yaml [--set section.key=value ...]``.
 
 The loop itself is :class:`kdrl.trainer.loop.Trainer`, its configuration :class:`kdrl.trainer.config.TrainConfig`.
+A bad setting, a run directory in use or holding another run, or an unusable checkpoint is reported as one line
+naming the field or file, the value and what is expected, with exit status 2 (before any model is loaded, except
+for a checkpoint that does not fit the model); anything else keeps its traceback.
 """
 from __future__ import annotations
 
@@ -14,10 +17,16 @@ if __name__ == "__main__" and not {"-h", "--help", "--describe"} & set(sys.argv[
 
 import argparse
 
-from kdrl.trainer.config import describe, load_config
+from kdrl.trainer.config import ConfigError, describe, load_config
 from kdrl.trainer.loop import Trainer
 
 __all__ = ["main"]
+
+
+def _refuse(err: Exception) -> None:
+    """One line on stderr and exit status 2, as argparse does for a bad argument."""
+    print(f"kdrl.train: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,13 +37,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume although the config differs from the checkpoint's (the change is logged to "
                              "<output_dir>/config_changes.jsonl)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start over at step 0: a run already in run.output_dir is first moved aside to "
+                             "<output_dir>.old-<time> (nothing is deleted)")
     parser.add_argument("--describe", action="store_true", help="print every config field with its help and exit")
     args = parser.parse_args(argv)
     if args.describe:
         print(describe())
         return
-    cfg = load_config(args.config, args.set)
-    trainer = Trainer(cfg, allow_config_change=args.allow_config_change, started=_T0)
+    try:
+        cfg = load_config(args.config, args.set)  # checks input only: its ValueError/TypeError are the user's
+    except (ValueError, TypeError) as err:
+        _refuse(err)
+    try:
+        trainer = Trainer(cfg, allow_config_change=args.allow_config_change, started=_T0, fresh=args.fresh)
+    except ConfigError as err:  # a start-up check; any other error while starting is a bug: keep its traceback
+        _refuse(err)
     trainer.run()
     trainer.say(f"done: step {trainer.step}/{cfg.run.steps}; outputs in {trainer.output_dir}/")
 

@@ -88,7 +88,7 @@ def test_a_registered_objective_reaches_kdrl_loss():
         t = torch.log_softmax(th @ tw.T, -1).gather(-1, y[..., None])[..., 0][mask]
         a = adv[:, None].expand(b, n)[mask]
         want = T.expected_token_loss(s, t, s.detach(), a, 0.2).mean()
-        assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+        assert float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-5, abs=1e-6)
         assert metrics["beta"] == pytest.approx(0.6)  # the coefficient applied: 3 * beta
         assert R.describe(cfg) == f"{T.NAME} (test-only)"
 

@@ -165,7 +165,7 @@ def test_resume_prints_what_it_resumes_from(pair, tmp_path, capsys):
     ("loss.betaa=0.1", "invalid loss section"),
     ("loss.temperature=0.5", "rollout.temperature"),
 ])
-def test_bad_config_fails_before_any_model_is_loaded(monkeypatch, tmp_path, override, message):
+def test_bad_config_fails_before_any_model_is_loaded(monkeypatch, tmp_path, capsys, override, message):
     import kdrl.models
 
     def no_loading(*args, **kwargs):
@@ -173,5 +173,8 @@ def test_bad_config_fails_before_any_model_is_loaded(monkeypatch, tmp_path, over
 
     monkeypatch.setattr(kdrl.models, "load_model_and_tokenizer", no_loading)
     monkeypatch.setattr(kdrl.models, "resolve_model", no_loading)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(SystemExit) as exit_:  # one line naming the field, exit 2, no traceback (issue 22)
         main(["--set", "loss.objective=grpo", "--set", override, "--set", f"run.output_dir={tmp_path}"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("kdrl.train: error: ") and message in line

@@ -9,6 +9,7 @@ never re-declares the loss library's options. :func:`validate` builds it at load
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,14 @@ from typing import Any
 import yaml
 
 from kdrl_kernels import KDRLConfig, registry
+
+__all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RolloutConfig", "OptimConfig", "RunConfig", "ConfigError",
+           "load_config", "validate", "loss_config", "describe"]
+
+
+class ConfigError(ValueError):
+    """A bad setting or an unusable run directory, found at start: ``python -m kdrl.train`` prints its message as
+    one line and exits 2. A ValueError, so callers catching that keep working."""
 
 
 def opt(default, help: str):
@@ -44,7 +53,7 @@ class ModelConfig:
 class DataConfig:
     """Where the prompts come from."""
     task: str = opt("gsm8k_train", "training set for kdrl.data.load_task: gsm8k_train or math_train")
-    limit: int | None = opt(None, "use only the first N problems (before shuffling); null = all")
+    limit: int | None = opt(None, "use only the first N problems (before shuffling), N >= 1; null = all")
     prompt_style: str = opt("boxed", "style for kdrl.prompts.build_messages")
     shuffle: bool = opt(True, "visit problems in a seeded random order (reshuffled every epoch)")
 
@@ -58,7 +67,7 @@ class RolloutConfig:
     max_new_tokens: int = opt(256, "response token budget")
     temperature: float = opt(1.0, "sampling temperature; also the loss temperature (student, teacher and old "
                                   "log-probs are all scored at the distribution the rollouts were sampled from)")
-    top_p: float = opt(1.0, "nucleus sampling threshold")
+    top_p: float = opt(1.0, "nucleus sampling threshold, in (0, 1]; 1 = off")
     scale_advantages: bool = opt(True, "divide advantages by the group std; false = Dr. GRPO (centring only)")
     grader_timeout: float = opt(3.0, "seconds allowed to kdrl.grading.grade per response")
     vllm_kwargs: dict = opt({}, "extra keyword arguments for the vLLM engine (e.g. gpu_memory_utilization)")
@@ -67,12 +76,14 @@ class RolloutConfig:
 @dataclass
 class OptimConfig:
     """Optimizer, batching and schedule."""
-    lr: float = opt(1e-6, "AdamW learning rate (constant after warmup)")
-    warmup_steps: int = opt(0, "linear warmup from 0 over this many optimizer steps")
-    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
-    betas: list = opt([0.9, 0.999], "AdamW betas")
-    eps: float = opt(1e-8, "AdamW epsilon")
-    grad_clip: float = opt(1.0, "clip the global gradient norm to this value; 0 disables")
+    lr: float = opt(1e-6, "AdamW learning rate (constant after warmup), >= 0; 0 keeps the weights fixed (a "
+                          "diagnostic run: the loss is measured at the rollout policy on every step)")
+    warmup_steps: int = opt(0, "linear warmup from 0 over this many optimizer steps (>= 0; 0 = none)")
+    weight_decay: float = opt(0.0, "AdamW decoupled weight decay (>= 0)")
+    betas: list = opt([0.9, 0.999], "AdamW betas: two numbers in [0, 1)")
+    eps: float = opt(1e-8, "AdamW epsilon (> 0)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this value (> 0); 0 = no clipping (explicit: "
+                                "a negative value is an error, not 'off')")
     micro_batch_size: int = opt(4, "sequences per forward/backward; gradients accumulate over the rollout batch")
     updates_per_rollout: int = opt(1, "optimizer steps per rollout batch (> 1 splits it into mini-batches; "
                                       "then the ratio to the rollout policy is no longer 1 and clipping binds)")
@@ -88,14 +99,16 @@ class RunConfig:
     save_every: int = opt(1, "write a checkpoint every N steps (and at the end); 0 = only at the end. Each holds "
                              "the trainable weights + AdamW state, ~12 bytes per trainable parameter")
     keep_checkpoints: int = opt(2, "how many most recent checkpoints to keep on disk (>= 1; older ones are deleted)")
-    resume: bool = opt(True, "continue from the latest checkpoint in output_dir if there is one")
+    resume: bool = opt(True, "continue from the newest intact checkpoint in output_dir if there is one; false: "
+                             "start at step 0, which a directory holding a run refuses unless --fresh is passed "
+                             "(that moves the old run aside, never deletes it)")
     tensorboard: bool = opt(False, "also write TensorBoard scalars (needs the tensorboard package)")
     progress: bool = opt(True, "print progress on stdout: start-up phases, the files written, one line per step "
                                "(false: quiet; the JSONL files are written either way)")
     plot: bool = opt(True, "at the end, write <output_dir>/curves.png with kdrl.trainer.plot (needs matplotlib)")
-    eval_every: int = opt(0, "evaluate every N steps (0 = never): greedy accuracy on eval_task")
+    eval_every: int | None = opt(0, "evaluate every N steps (0 or null = never): greedy accuracy on eval_task")
     eval_task: str = opt("gsm8k", "benchmark for periodic evaluation (kdrl.data.load_task name)")
-    eval_limit: int = opt(50, "problems per periodic evaluation")
+    eval_limit: int | None = opt(50, "problems per periodic evaluation, >= 1; null = the whole eval_task")
     eval_max_new_tokens: int = opt(400, "token budget of the periodic evaluation")
     threads: int = opt(0, "torch intra-op threads; 0 = leave torch's default")
     export_final: bool = opt(True, "at the end, save the student (LoRA merged) with its tokenizer to "
@@ -122,7 +135,8 @@ class TrainConfig:
 def _build(cls, values: dict, where: str):
     """Instantiate dataclass ``cls`` from a dict, recursing into nested dataclasses; unknown keys are errors."""
     if not isinstance(values, dict):
-        raise ValueError(f"config section {where or 'root'} must be a mapping, got {type(values).__name__}")
+        got = "null" if values is None else type(values).__name__
+        raise ValueError(f"config section {where.rstrip('.') or 'root'} must be a mapping, got {got}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
@@ -136,31 +150,95 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
+_EXPECTED = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+             "list": "a list", "dict": "a mapping"}
+
+
 def _coerce(f: dataclasses.Field, value, where: str):
-    """Convert strings for numeric fields: YAML reads ``1e-6`` (no dot) as a string, not a float."""
-    default = f.default
-    if isinstance(value, str) and isinstance(default, (int, float)) and not isinstance(default, bool):
-        try:
-            return type(default)(float(value)) if isinstance(default, float) else int(value)
-        except ValueError:
-            raise ValueError(f"{where}{f.name} must be a number, got {value!r}") from None
+    """Check ``value`` against the field's annotation and convert what is unambiguous: an integral number for an
+    int field (``1e3``, ``4.0``), an int for a float field, numeric strings (YAML reads ``1e-6``, without a dot,
+    as a string). A value of another type is a ValueError naming the field: ``run.steps=2.5`` would otherwise run
+    3 steps, ``rollout.group_size=2.5`` fail deep inside torch."""
+    name = f"{where}{f.name}"
+    if name == "loss":  # kdrl_kernels.KDRLConfig's keywords: checked by loss_config
+        return value
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    base, optional = kind.split("|")[0].strip(), kind.replace(" ", "").endswith("|None")
+    expected = _EXPECTED.get(base)
+    if expected is None:
+        return value
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be {expected}, got null")
+    bad = ValueError(f"{name} must be {expected}{' or null' if optional else ''}, got {value!r}")
+    if base in ("int", "float"):
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, str):
+            try:
+                value = int(value) if base == "int" and value.strip().lstrip("+-").isdigit() else float(value)
+            except ValueError:
+                raise bad from None
+        if not isinstance(value, (int, float)):
+            raise bad
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if base == "int":
+            if isinstance(value, float) and not value.is_integer():
+                raise bad
+            return int(value)
+        return float(value)
+    if not isinstance(value, {"bool": bool, "str": str, "list": list, "dict": dict}[base]):
+        raise bad
     return value
 
 
 def _set(tree: dict, dotted: str, raw: str) -> None:
     """Apply one ``section.key=value`` override; the value is parsed as YAML (numbers, bools, null, lists)."""
     keys = dotted.split(".")
+    if not all(keys):
+        raise ValueError(f"--set expects section.key=value, got {dotted}={raw}")
     node = tree
-    for k in keys[:-1]:
+    for depth, k in enumerate(keys[:-1]):
         node = node.setdefault(k, {})
-    node[keys[-1]] = yaml.safe_load(raw)
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {'.'.join(keys[:depth + 1])} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ValueError(f"--set {dotted}: the value {raw!r} is not valid YAML ({_one_line(err)})") from None
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _read_yaml(path: str | Path) -> dict:
+    """The config file's mapping; a missing, unreadable, empty or non-mapping file is a ValueError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ValueError(f"config file {path}: cannot be read ({err.strerror or err})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {path} is not valid YAML: {_one_line(err)}") from None
+    if tree is None:  # an empty file used to train the defaults silently (SmolLM2, GRPO, into runs/kdrl)
+        raise ValueError(f"config file {path} is empty: expected a mapping of sections (model, data, rollout, "
+                         "optim, run, loss); to train with the defaults, omit --config")
+    if not isinstance(tree, dict):
+        raise ValueError(f"config file {path} must hold a mapping of sections, got {type(tree).__name__}")
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML file (or start from the defaults), apply ``key=value`` overrides, validate and return."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
+    """Read a YAML file (or start from the defaults), apply ``key=value`` overrides, validate and return.
+
+    Raises ValueError (one line naming the file or the field, the value and what is expected) for any bad input.
+    """
+    tree: dict[str, Any] = {} if path is None else _read_yaml(path)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set expects section.key=value, got {item!r}")
@@ -209,24 +287,69 @@ def loss_config(cfg: TrainConfig) -> KDRLConfig:
         raise ValueError(f"invalid loss section: {err}") from None
 
 
+def _check_types(cfg: TrainConfig) -> None:
+    """Apply the field checks of :func:`_coerce` to a config built in Python rather than loaded (normalising
+    ``4.0`` to ``4`` and the like in place)."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(sub):
+            continue
+        for f in dataclasses.fields(sub):
+            setattr(sub, f.name, _coerce(f, getattr(sub, f.name), f"{section.name}."))
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Reject settings that cannot work, naming the field and the allowed range."""
-    r, o = cfg.rollout, cfg.optim
+    """Reject settings that cannot work, naming the field, the value and the allowed range (ValueError).
+
+    Pure: reads no file and loads no model (the run directory is checked when the trainer starts).
+    """
+    from kdrl.data import BENCHMARKS, TRAINING_SETS
+    from kdrl.prompts import STYLES
+    _check_types(cfg)
+    m, d, r, o, run = cfg.model, cfg.data, cfg.rollout, cfg.optim, cfg.run
+    tasks = TRAINING_SETS + BENCHMARKS
+    chat_styles = tuple(style for style in STYLES if style != "fewshot")  # the trainer renders chat templates
+    betas_ok = (len(o.betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                          for b in o.betas))
     checks = [
+        (bool(m.student), "model.student must name a model (hub id, directory or kdrl.models registry name), got ''"),
+        (m.dtype in ("bfloat16", "float32"), f"model.dtype must be bfloat16 or float32, got {m.dtype!r}"),
+        (m.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = full fine-tuning), got {m.lora_rank}"),
+        (m.lora_alpha > 0, f"model.lora_alpha must be > 0, got {m.lora_alpha}"),
+        (d.task in tasks, f"data.task must be one of {', '.join(tasks)} (kdrl.data), got {d.task!r}"),
+        (d.limit is None or d.limit >= 1, f"data.limit must be >= 1 or null (all problems), got {d.limit}"),
+        (d.prompt_style in chat_styles, f"data.prompt_style must be one of {', '.join(chat_styles)} (the chat "
+                                        f"styles of kdrl.prompts), got {d.prompt_style!r}"),
         (r.backend in ("hf", "vllm"), f"rollout.backend must be hf or vllm, got {r.backend!r}"),
         (r.group_size >= 2, f"rollout.group_size must be >= 2 for group-normalised advantages, got {r.group_size}"),
         (r.prompts_per_step >= 1, f"rollout.prompts_per_step must be >= 1, got {r.prompts_per_step}"),
         (r.max_new_tokens >= 1, f"rollout.max_new_tokens must be >= 1, got {r.max_new_tokens}"),
         (r.temperature > 0, f"rollout.temperature must be > 0 for sampling, got {r.temperature}"),
+        (0 < r.top_p <= 1, f"rollout.top_p must be in (0, 1] (1 = no nucleus truncation), got {r.top_p}"),
+        (r.grader_timeout > 0, f"rollout.grader_timeout must be > 0 seconds, got {r.grader_timeout}"),
+        (o.lr >= 0, f"optim.lr must be >= 0 (0 keeps the weights fixed), got {o.lr}"),
+        (o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0 (0 = no warmup), got {o.warmup_steps}"),
+        (o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (betas_ok, f"optim.betas must be two numbers in [0, 1), got {o.betas!r}"),
+        (o.eps > 0, f"optim.eps must be > 0, got {o.eps}"),
+        (o.grad_clip >= 0, f"optim.grad_clip must be > 0, or 0 for no clipping, got {o.grad_clip}"),
         (o.micro_batch_size >= 1, f"optim.micro_batch_size must be >= 1, got {o.micro_batch_size}"),
         (o.updates_per_rollout >= 1, f"optim.updates_per_rollout must be >= 1, got {o.updates_per_rollout}"),
-        ((r.prompts_per_step * r.group_size) % o.updates_per_rollout == 0,
-         "optim.updates_per_rollout must divide rollout.prompts_per_step * rollout.group_size"),
-        (cfg.model.dtype in ("bfloat16", "float32"), f"model.dtype must be bfloat16 or float32, got {cfg.model.dtype}"),
-        (cfg.model.lora_rank >= 0, f"model.lora_rank must be >= 0, got {cfg.model.lora_rank}"),
-        (cfg.run.steps >= 0, f"run.steps must be >= 0, got {cfg.run.steps}"),
-        (cfg.run.save_every >= 0, f"run.save_every must be >= 0 (0 = only at the end), got {cfg.run.save_every}"),
-        (cfg.run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {cfg.run.keep_checkpoints}"),
+        (o.updates_per_rollout < 1 or (r.prompts_per_step * r.group_size) % o.updates_per_rollout == 0,
+         f"optim.updates_per_rollout must divide rollout.prompts_per_step * rollout.group_size "
+         f"({r.prompts_per_step} * {r.group_size}), got {o.updates_per_rollout}"),
+        (run.steps >= 0, f"run.steps must be >= 0, got {run.steps}"),
+        (run.seed >= 0, f"run.seed must be >= 0, got {run.seed}"),
+        (bool(run.output_dir), "run.output_dir must name a directory, got ''"),
+        (run.save_every >= 0, f"run.save_every must be >= 0 (0 = only at the end), got {run.save_every}"),
+        (run.keep_checkpoints >= 1, f"run.keep_checkpoints must be >= 1, got {run.keep_checkpoints}"),
+        (run.eval_every is None or run.eval_every >= 0,
+         f"run.eval_every must be >= 0 (0 or null = never), got {run.eval_every}"),
+        (run.eval_task in tasks, f"run.eval_task must be one of {', '.join(tasks)} (kdrl.data), got {run.eval_task!r}"),
+        (run.eval_limit is None or run.eval_limit >= 1,
+         f"run.eval_limit must be >= 1 or null (the whole task), got {run.eval_limit}"),
+        (run.eval_max_new_tokens >= 1, f"run.eval_max_new_tokens must be >= 1, got {run.eval_max_new_tokens}"),
+        (run.threads >= 0, f"run.threads must be >= 0 (0 = torch's default), got {run.threads}"),
         (isinstance(cfg.loss, KDRLConfig) or (isinstance(cfg.loss, dict) and "objective" in cfg.loss),
          "loss must be a mapping with an 'objective'"),
     ]

@@ -1,12 +1,14 @@
 """What a run writes and prints: ``metrics.jsonl`` (one JSON line per step), ``samples.jsonl`` (every sampled
 response), optional TensorBoard, and one human-readable line per step on stdout.
 
-On resume both JSONL files are cut back to the checkpointed step, so a step that was logged but not checkpointed
-before an interruption is logged once, by its rerun, not twice.
+A step's records are appended (and fsynced) before its checkpoint is committed, and on resume both JSONL files
+are cut back to the checkpoint's step: whatever the kill point, each step is recorded exactly once (a step
+logged but not checkpointed is cut and logged again by its rerun). An incomplete last line is cut with a message.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,22 +18,71 @@ __all__ = ["MetricsLogger", "SampleLog", "Progress", "read_metrics", "read_jsonl
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a JSONL file, in order ([] when it does not exist)."""
+    """All records of a JSONL file, in order ([] when it does not exist). A line that is not JSON (a partial last
+    line of a killed run, a hand edit) is skipped with a warning on stderr naming it, never a reason to fail."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            print(f"kdrl.train: {path}:{number} is not a JSON record ({err.msg}); skipped", file=sys.stderr)
+    return records
 
 
 read_metrics = read_jsonl  # the metrics log is a JSONL file like any other
 
 
-def cut_jsonl(path: str | Path, last_step: int) -> None:
-    """Drop the records of ``path`` whose ``step`` is after ``last_step`` (creates an empty file if missing)."""
+def cut_jsonl(path: str | Path, last_step: int, warn=None) -> None:
+    """Drop the records of ``path`` whose ``step`` is after ``last_step`` (creates an empty file if missing).
+
+    A last line without its newline is what a kill or a full disk leaves in the middle of an append: it is cut,
+    with a message through ``warn`` (default: stderr). Lines that are not JSON elsewhere are kept as they are
+    (with a message): they are not this run's to delete. The file is replaced atomically (write + rename).
+    """
     path = Path(path)
+    warn = warn or (lambda message: print(f"kdrl.train: {message}", file=sys.stderr, flush=True))
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    raw = path.read_bytes() if path.exists() else b""
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    try:
+        json.loads(tail or b"x")
+        lines.append(tail)  # a whole record that only lacks its newline: keep it (with one)
+        tail = b""
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    if tail:
+        warn(f"{path}: cut an incomplete last line ({len(tail)} bytes without a newline: the write of a step's "
+             "records was interrupted); that step is rerun")
+    kept, dropped = [], 0
+    for number, line in enumerate(lines, 1):
+        try:
+            step = json.loads(line).get("step", 0) if line.strip() else None
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            warn(f"{path}:{number} is not a JSON record; kept as it is")
+            step = None
+        if step is not None and step > last_step:
+            dropped += 1
+            continue
+        kept.append(line + b"\n")
+    if raw.endswith(b"\n") and not dropped:
+        return  # nothing to change: leave the file untouched
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(b"".join(kept))
+    os.replace(tmp, path)
+
+
+def _append(path: Path, text: str) -> None:
+    """Append whole records and flush them to the disk before the step's checkpoint is committed."""
+    with path.open("a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 class Progress:
@@ -133,16 +184,22 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
 
     def log(self, step: int, metrics: dict, suffix: str = "") -> None:
-        """Record one finished step; ``metrics`` maps names to floats (non-numbers go to the JSONL file only).
-        ``suffix`` is appended to the printed line (e.g. where the checkpoint went)."""
-        record = {"step": step, **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        """Record one finished step (:meth:`write`) and print its line (:meth:`show`)."""
+        self.write(step, metrics)
+        self.show(step, metrics, suffix)
+
+    def write(self, step: int, metrics: dict) -> None:
+        """Append the step's record to the JSONL file (fsynced) and TensorBoard; ``metrics`` maps names to floats
+        (non-numbers go to the JSONL file only)."""
+        _append(self.path, json.dumps({"step": step, **metrics}) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
+
+    def show(self, step: int, metrics: dict, suffix: str = "") -> None:
+        """Print :func:`step_line` (with ``run.progress``); ``suffix`` is appended (e.g. where the checkpoint went)."""
         if self.progress:
             print(step_line(step, self.total_steps, metrics) + suffix, flush=True)
 
@@ -163,5 +220,4 @@ class SampleLog:
         cut_jsonl(self.path, start_step)
 
     def write(self, records: list[dict]) -> None:
-        with self.path.open("a") as f:
-            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        _append(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from kdrl.trainer.checkpoint import checkpoint_bytes, latest_checkpoint, load_checkpoint, save_checkpoint
-from kdrl.trainer.config import TrainConfig, loss_config, validate
+from kdrl.trainer.checkpoint import checkpoint_bytes, commit_checkpoint, load_checkpoint, write_checkpoint
+from kdrl.trainer.config import ConfigError, TrainConfig, loss_config, validate
 from kdrl.trainer.logging import MetricsLogger, Progress, SampleLog
 from kdrl.trainer.resume import config_changes
 from kdrl.trainer.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
+from kdrl.trainer.rundir import open_run_dir
 from kdrl.trainer.step import MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole
 from kdrl_kernels import KDRLLoss, registry, teacher_head
 
@@ -51,13 +52,19 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class Trainer:
-    """Holds the models, optimizer, generator and data position of one run. :meth:`run` trains to the end."""
+    """Holds the models, optimizer, generator and data position of one run. :meth:`run` trains to the end.
 
-    def __init__(self, cfg: TrainConfig, allow_config_change: bool = False, started: float | None = None):
-        from kdrl.data import load_task
-        from kdrl.models import load_model_and_tokenizer, resolve_model
+    From construction to the end of :meth:`run` (or :meth:`close`) the run directory is locked: a second Trainer
+    on it, in this process or another, is refused. ``fresh``: move a run already in ``run.output_dir`` aside and
+    start at step 0 (``--fresh``). Start-up problems (config, run directory, checkpoint) raise ConfigError.
+    """
 
-        validate(cfg)  # every configuration error before any model is loaded
+    def __init__(self, cfg: TrainConfig, allow_config_change: bool = False, started: float | None = None,
+                 fresh: bool = False):
+        try:
+            validate(cfg)  # every configuration error before any model is loaded
+        except (ValueError, TypeError) as err:
+            raise ConfigError(str(err)) from None
         self.cfg = cfg
         self.say = say = Progress(cfg.run.progress, start=started)
         self.output_dir = Path(cfg.run.output_dir)
@@ -68,9 +75,21 @@ class Trainer:
             f"{cfg.run.steps} step{'' if cfg.run.steps == 1 else 's'}")
         for line in self.output_lines():
             say(line)
-        ckpt = latest_checkpoint(self.output_dir) if cfg.run.resume else None
-        if ckpt is not None:
-            self._check_resume(ckpt, allow_config_change)
+        # One writer per directory, no run overwritten, the newest intact checkpoint (kdrl.trainer.rundir).
+        self._lock, ckpt = open_run_dir(self.output_dir, resume=cfg.run.resume, fresh=fresh)
+        try:
+            if ckpt is not None:
+                self._check_resume(ckpt, allow_config_change)
+            self._load(cfg, ckpt)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _load(self, cfg: TrainConfig, ckpt: Path | None) -> None:
+        """Models, optimizer, data, the checkpoint ``ckpt`` (if any) and the generator."""
+        from kdrl.data import load_task
+        from kdrl.models import load_model_and_tokenizer, resolve_model
+        say, lc = self.say, self.loss_fn.config
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
@@ -108,7 +127,7 @@ class Trainer:
         self.sampler = PromptSampler(self.problems, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         self.step = 0
         if ckpt is not None:
-            state = load_checkpoint(ckpt, self.master.params, self.optimizer)
+            state = load_checkpoint(ckpt, self.master.params, self.optimizer, verify=False)  # open_run_dir did
             self.master.publish()
             self.sampler.load_state_dict(state["sampler"])
             self.step = state["step"]
@@ -140,7 +159,10 @@ class Trainer:
 
     def _check_resume(self, ckpt: Path, allow_config_change: bool) -> None:
         """Say what is resumed; refuse a changed training config unless ``allow_config_change`` (then log it)."""
-        state = json.loads((ckpt / "state.json").read_text())
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{ckpt / 'state.json'} cannot be read ({type(err).__name__}: {err})") from None
         print(f"kdrl.train: resuming from {ckpt} (step {state['step']}); records of later steps in metrics.jsonl "
               "and samples.jsonl are dropped", file=sys.stderr)
         changes = config_changes(state.get("config") or {}, self.cfg.to_dict())
@@ -148,8 +170,9 @@ class Trainer:
             return
         listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
         if not allow_config_change:
-            raise ValueError(f"resuming {ckpt} with a changed config ({listing}): use another run.output_dir, "
-                             "set run.resume=false, or pass --allow-config-change to continue with the new values")
+            raise ConfigError(f"resuming {ckpt} with a changed config ({listing}): use another run.output_dir, "
+                              "pass --fresh to move this run aside and start over, or pass --allow-config-change "
+                              "to continue with the new values")
         print(f"kdrl.train: config changed on resume at step {state['step']}: {listing} (recorded in "
               f"{self.output_dir / 'config_changes.jsonl'})", file=sys.stderr)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -366,35 +389,56 @@ class Trainer:
         return {"eval_accuracy": sum(ok) / len(ok),
                 "eval_len_mean": sum(len(o[0].token_ids) for o in outs) / len(outs)}
 
-    def save(self) -> Path:
-        return save_checkpoint(self.output_dir, self.step, self.master.params, self.optimizer,
-                               {"sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()},
-                               keep=self.cfg.run.keep_checkpoints)
+    def save(self, commit: bool = True) -> Path:
+        """Checkpoint the current step and return its directory; ``commit=False`` only writes it (to
+        ``checkpoints/.tmp-step_N``: :func:`kdrl.trainer.checkpoint.commit_checkpoint` makes it the newest)."""
+        tmp = write_checkpoint(self.output_dir, self.step, self.master.params, self.optimizer,
+                               {"sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()})
+        return commit_checkpoint(tmp, keep=self.cfg.run.keep_checkpoints) if commit else tmp
+
+    def close(self) -> None:
+        """Release the run directory (:meth:`run` does at its end; a later :meth:`run` takes it again)."""
+        self._lock.release()
 
     def run(self) -> list[dict]:
         """Train from the current step to ``run.steps``; returns the metrics of the steps run here."""
         run, say = self.cfg.run, self.say
+        self._lock.acquire()
+        try:
+            return self._run(run, say)
+        finally:
+            self._lock.release()
+
+    def _run(self, run, say) -> list[dict]:
+        """:meth:`run` while the run directory is locked."""
         logger = MetricsLogger(self.output_dir, run.steps, self.step, run.tensorboard, run.progress)
         samples = SampleLog(self.output_dir, self.step)
         history = []
         try:
             while self.step < run.steps:
                 metrics = self.train_step()
-                samples.write(self.samples)  # before the checkpoint: a resume from an older one cuts them back
                 if run.eval_every and self.step % run.eval_every == 0:
                     t0 = time.perf_counter()
                     metrics.update(self.evaluate())
                     metrics["time_eval"] = time.perf_counter() - t0
                 suffix = (f"  | eval acc {metrics['eval_accuracy']:.3f} len {metrics['eval_len_mean']:.1f}"
                           if "eval_accuracy" in metrics else "")
+                written = None
                 if (run.save_every and self.step % run.save_every == 0) or self.step == run.steps:
                     t0 = time.perf_counter()
-                    path = self.save()
+                    written = self.save(commit=False)
                     metrics["time_checkpoint"] = time.perf_counter() - t0
-                    size = checkpoint_bytes(path)
+                    size = checkpoint_bytes(written)
                     metrics["checkpoint_mb"] = size / 1e6
-                    suffix += f"  | saved {path.name} ({_size(size)})"
-                logger.log(self.step, metrics, suffix)
+                    suffix += f"  | saved step_{self.step:06d} ({_size(size)})"
+                # The step's records reach the disk before its checkpoint is committed: killed before the commit,
+                # the run resumes from the previous checkpoint and cuts these records (the step reruns and logs
+                # them once); killed after it, records and checkpoint are both there. Never lost, never twice.
+                samples.write(self.samples)
+                logger.write(self.step, metrics)
+                if written is not None:
+                    commit_checkpoint(written, keep=run.keep_checkpoints)
+                logger.show(self.step, metrics, suffix)
                 history.append(metrics)
         finally:
             logger.close()
