@@ -113,8 +113,13 @@ class Trainer:
             self.teacher, teacher_tok = load_model_and_tokenizer(resolve_model(cfg.model.teacher), dtype=dtype)
             self.teacher.requires_grad_(False).eval()
             if teacher_tok.get_vocab() != self.tokenizer.get_vocab():
-                raise ValueError("model.teacher must share the student's tokenizer (the KD terms compare "
-                                 "log-probs of the same token ids)")
+                raise ConfigError(f"model.teacher={cfg.model.teacher!r} must share the student's tokenizer (the KD "
+                                  "terms compare log-probs of the same token ids)")
+            try:  # a padded teacher vocabulary needs loss.truncate_teacher_vocab: say so now, not at step 1
+                teacher_head(self.model.get_output_embeddings().weight.shape[0],
+                             self.teacher.get_output_embeddings().weight, truncate=lc.truncate_teacher_vocab)
+            except ValueError as err:
+                raise ConfigError(f"model.teacher={cfg.model.teacher!r}: {err} (loss.truncate_teacher_vocab)") from None
             say(f"teacher loaded: {_millions(self.teacher.parameters())} parameters "
                 f"({time.perf_counter() - t0:.1f}s)")
         self._setup_trainable(cfg)
