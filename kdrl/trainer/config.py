@@ -19,7 +19,8 @@ import yaml
 from kdrl_kernels import KDRLConfig, registry
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RolloutConfig", "OptimConfig", "RunConfig", "ConfigError",
-           "load_config", "validate", "loss_config", "describe"]
+           "build_config", "load_config", "validate", "loss_config",
+           "describe"]
 
 
 class ConfigError(ValueError):
@@ -130,6 +131,12 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def build_config(tree: dict) -> "TrainConfig":
+    """A ``TrainConfig`` from a mapping of sections (a YAML file's, or a checkpoint's saved config), not validated;
+    unknown keys and non-numbers in numeric fields are errors naming the field."""
+    return _build(TrainConfig, tree, "")
 
 
 def _build(cls, values: dict, where: str):
@@ -244,7 +251,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ValueError(f"--set expects section.key=value, got {item!r}")
         key, raw = item.split("=", 1)
         _set(tree, key.strip(), raw)
-    cfg = _build(TrainConfig, tree, "")
+    cfg = build_config(tree)
     validate(cfg)  # also turns the loss section into the run's KDRLConfig
     return cfg
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from kdrl.trainer.config import TrainConfig, _build, loss_config
+from kdrl.trainer.config import build_config, loss_config
 
 __all__ = ["RESUME_FREE_KEYS", "config_changes"]
 
@@ -34,7 +34,7 @@ def config_changes(saved: dict, new: dict) -> dict[str, tuple]:
     def flat(tree):
         f = _flat({k: v for k, v in tree.items() if k != "loss"})
         try:
-            loss = dataclasses.asdict(loss_config(_build(TrainConfig, tree, "")))
+            loss = dataclasses.asdict(loss_config(build_config(tree)))
         except (ValueError, TypeError):
             loss = tree.get("loss") or {}
         f.update({f"loss.{k}": v for k, v in loss.items()})
