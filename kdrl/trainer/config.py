@@ -19,8 +19,7 @@ import yaml
 from kdrl_kernels import KDRLConfig, registry
 
 __all__ = ["TrainConfig", "ModelConfig", "DataConfig", "RolloutConfig", "OptimConfig", "RunConfig", "ConfigError",
-           "build_config", "load_config", "validate", "loss_config",
-           "describe"]
+           "build_config", "load_config", "validate", "loss_config", "describe"]
 
 
 class ConfigError(ValueError):
