@@ -28,7 +28,7 @@ from kdrl.testbed.report import markdown_table, ordering, plot, summarise
 from kdrl.testbed.task import (EVAL_SAMPLES, INIT_STD, PAD, Problem, build_model, correct, evaluate, make_problems,
                                sample, sft)
 from kdrl.trainer.rollout import PromptSampler, build_batch, rollout_metrics
-from kdrl.trainer.step import backward_microbatches, hidden_states, kd_groups_whole
+from kdrl.trainer.step import backward_microbatches, hidden_states, kd_groups_whole, optimizer_step
 from kdrl_kernels import KDRLConfig, KDRLLoss, registry
 
 __all__ = ["TestbedConfig", "quick_config", "METHODS", "datasets", "pretrain_pair", "rl_run", "run_table", "main"]
@@ -194,13 +194,10 @@ def rl_run(method: str, seed: int, student_state: dict, teacher, cfg: TestbedCon
             batch = kd_groups_whole(batch)
         with torch.no_grad():
             t_hidden = hidden_states(teacher, batch)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-        opt.zero_grad(set_to_none=True)
         m = backward_microbatches(model, loss_fn, batch, micro_batch_size=cfg.micro_batch_size,
                                   teacher_hidden=t_hidden, teacher_weight=t_weight, step=step)
-        m["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-        opt.step()
+        m["grad_norm"] = optimizer_step(opt, model.parameters(), lr=cfg.lr, step=step,
+                                        warmup_steps=cfg.warmup_steps, grad_clip=1.0)
         train_log.append({"step": step + 1, **{k: stats[k] for k in ("accuracy", "len_mean")},
                           **{k: m.get(k) for k in ("k1", "k2", "k3", "exact_kl", "beta", "clip_frac", "grad_norm")}})
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:

@@ -9,7 +9,6 @@ reward-guided masks) and TRRD differ only in the ``loss`` section of the config.
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 import time
@@ -23,7 +22,8 @@ from kdrl.trainer.logging import MetricsLogger, Progress, SampleLog
 from kdrl.trainer.resume import config_changes
 from kdrl.trainer.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
 from kdrl.trainer.rundir import open_run_dir
-from kdrl.trainer.step import MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole
+from kdrl.trainer.step import (MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole,
+                               optimizer_step)
 from kdrl_kernels import KDRLLoss, registry, teacher_head
 
 __all__ = ["Trainer"]
@@ -369,14 +369,10 @@ class Trainer:
     def _optimizer_step(self, opt_step: int) -> float:
         """Warmup, gradient clipping, AdamW step, write masters back to the model. Returns the gradient norm."""
         o = self.cfg.optim
-        for group in self.optimizer.param_groups:
-            group["lr"] = o.lr * min(1.0, (opt_step + 1) / o.warmup_steps) if o.warmup_steps else o.lr
-        params = [p for p in self.master.params.values() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else math.inf)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = optimizer_step(self.optimizer, self.master.params.values(), lr=o.lr, step=opt_step,
+                              warmup_steps=o.warmup_steps, grad_clip=o.grad_clip)
         self.master.publish()
-        return float(norm)
+        return norm
 
     # ---- evaluation, checkpoints, the run ---------------------------------------------------------------------
     @torch.no_grad()

@@ -4,6 +4,7 @@ states aligned with the sampled tokens, fp32 master weights, and the micro-batch
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from contextlib import contextmanager
 
@@ -13,7 +14,8 @@ from kdrl.trainer.rollout import RolloutBatch
 from kdrl_kernels import KDRLLoss
 from kdrl_kernels.registry import reduce_metrics
 
-__all__ = ["decoder", "hidden_states", "Timer", "MasterWeights", "backward_microbatches", "kd_groups_whole"]
+__all__ = ["decoder", "hidden_states", "Timer", "MasterWeights", "backward_microbatches", "kd_groups_whole",
+           "optimizer_step"]
 
 
 def decoder(model):
@@ -123,3 +125,17 @@ def kd_groups_whole(batch: RolloutBatch) -> RolloutBatch:
     """
     solved = torch.zeros(int(batch.group_ids.max()) + 1).index_add_(0, batch.group_ids, batch.correct.float())
     return dataclasses.replace(batch, correct=solved[batch.group_ids] > 0)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params, *, lr: float, step: int, warmup_steps: int,
+                   grad_clip: float) -> float:
+    """Linear warmup of the learning rate over ``warmup_steps`` optimizer steps (``step`` counts from 0), clipping
+    of the global gradient norm of ``params`` to ``grad_clip`` (0 = off), the optimizer step, and gradients freed.
+    Returns the gradient norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+    norm = torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
+                                          grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
