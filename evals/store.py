@@ -15,14 +15,14 @@ only the sample it held is generated again. Samples are keyed by (problem id, sa
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from kdrl import runlock
 
 __all__ = ["RunStore"]
 
@@ -41,6 +41,9 @@ def _record(line: bytes) -> dict | None:
     return rec if isinstance(rec, dict) and "id" in rec and "sample" in rec else None
 
 
+_PROCESS_LOCKS: list = []  # the run directories this process holds
+
+
 class RunStore:
     def __init__(self, run_dir: str | os.PathLike, create: bool = True):
         self.dir = Path(run_dir)
@@ -53,35 +56,18 @@ class RunStore:
 
     # -- one writer -----------------------------------------------------------------------------------------
     def holder(self) -> str | None:
-        """Who holds this run directory ("pid N on HOST since T"), or None when no live process does. Reads only.
-        The lock is an flock, which the kernel drops when its process ends, however it ends: no stale locks."""
-        path = self.dir / ".lock"
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return None
-        except OSError:
-            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-        finally:
-            os.close(fd)  # closing drops our probe's shared lock, if we got one
+        """Who holds this run directory (PID, host, start, command), or None when no live process does. Reads only.
+        The lock (:mod:`kdrl.runlock`, the trainer's too) is an flock, which the kernel drops when its process ends,
+        however it ends."""
+        return runlock.holder(self.dir)
 
     def lock(self) -> None:
         """Hold this run directory for the rest of the process (ValueError naming the holder when another has it)."""
         self._mkdirs()
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            who = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise ValueError(f"run directory {self.dir} is in use by {who}; wait for that run to end (rerunning "
-                             "then resumes it) or pass another --run-name") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {platform.node()}\n".encode(), 0)
-        self._lock_fd = fd  # kept open (and locked) until the process ends
+        self._lock = runlock.RunLock(self.dir, hint="pass another --run-name (rerunning this one once that run has "
+                                                     "ended resumes it)")
+        self._lock.acquire()
+        _PROCESS_LOCKS.append(self._lock)  # held until the process ends, however it ends, even if the store is dropped
 
     # -- configuration ------------------------------------------------------------------------------------
     def check_config(self, config: dict, write: bool = True) -> None:

@@ -287,18 +287,18 @@ def test_a_second_run_into_the_same_folder_is_refused_naming_the_first(cli, caps
                               text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        assert f"pid {holder.pid} on " in RunStore(run_dir, create=False).holder()
-        with pytest.raises(ValueError, match=f"in use by pid {holder.pid}"):
+        assert f"PID {holder.pid} on " in RunStore(run_dir, create=False).holder()
+        with pytest.raises(ValueError, match=f"in use by another run: PID {holder.pid}"):
             RunStore(run_dir).lock()
         argv = ["--model", str(_model_dir(tmp_path)), "--backend", "hf", "--tasks", "aime24", "--limit", "2",
                 "--output-dir", str(tmp_path / "out"), "--run-name", "busy", "--no-progress"]
         assert cli(argv) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"is in use by pid {holder.pid}" in err and "another --run-name" in err
+        assert err.count("\n") == 1 and f"is in use by PID {holder.pid}" in err and "another --run-name" in err
     finally:
         holder.kill()  # SIGKILL: the kernel drops the lock with the process, no stale lock to clear
         holder.wait()
     assert RunStore(run_dir, create=False).holder() is None
     store = RunStore(run_dir)
     store.lock()
-    os.close(store._lock_fd)
+    store._lock.release()

@@ -19,7 +19,8 @@ from kdrl.trainer.checkpoint import (CheckpointError, list_checkpoints, load_che
 from kdrl.trainer.config import ConfigError, load_config
 from kdrl.trainer.logging import cut_jsonl, read_jsonl
 from kdrl.trainer.loop import Trainer
-from kdrl.trainer.rundir import LOCK_NAME, RunLock, move_aside
+from kdrl.runlock import LOCK_NAME, RunLock, RunLockError
+from kdrl.trainer.rundir import move_aside
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_config_file_errors_and_unusable_output_dirs_are_one_line(tmp_path, caps
 def test_a_second_run_is_refused_naming_the_first_and_a_dead_ones_lock_is_taken_over(pair, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from kdrl.trainer.rundir import RunLock; "
+        [sys.executable, "-c", "import sys, time; from kdrl.runlock import RunLock; "
                                "lock = RunLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(300)", str(out)],
         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -180,7 +181,7 @@ def test_without_flock_the_pid_and_host_decide(tmp_path, monkeypatch, capsys):
         (tmp_path / LOCK_NAME).write_text(json.dumps({**record, "started": "t", "command": "c"}))
         lock = RunLock(tmp_path)
         if refusal:
-            with pytest.raises(ConfigError, match=refusal):
+            with pytest.raises(RunLockError, match=refusal):
                 lock.acquire()
         else:
             lock.acquire()

@@ -21,6 +21,7 @@ from kdrl.trainer.config import ConfigError, TrainConfig, loss_config, validate
 from kdrl.trainer.logging import MetricsLogger, Progress, SampleLog
 from kdrl.trainer.resume import config_changes
 from kdrl.trainer.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
+from kdrl.runlock import RunLockError
 from kdrl.trainer.rundir import open_run_dir
 from kdrl.trainer.step import (MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole,
                                optimizer_step)
@@ -404,7 +405,10 @@ class Trainer:
     def run(self) -> list[dict]:
         """Train from the current step to ``run.steps``; returns the metrics of the steps run here."""
         run, say = self.cfg.run, self.say
-        self._lock.acquire()
+        try:
+            self._lock.acquire()
+        except RunLockError as err:
+            raise ConfigError(f"run.output_dir: {err}") from None
         try:
             return self._run(run, say)
         finally:

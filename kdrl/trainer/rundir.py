@@ -1,32 +1,26 @@
 """The run directory: one writer at a time, and no run ever deleted to make room for another.
 
-- ``<output_dir>/.lock`` is held (``fcntl.flock``) by the process that writes the run and holds its PID, host,
-  start time and command line while it runs; it is emptied when the run ends. A second run into the same
-  directory is refused at start, naming the first. The kernel drops a flock when its process dies (kill -9
-  included), so a lock file that still names a process but is not locked is stale: it is taken over with a
-  message. On a filesystem without flock the PID is checked instead (same host only; another host's lock is
-  refused with the lock file's path to delete once that run is known to be over).
+- ``<output_dir>/.lock`` (:mod:`kdrl.runlock`, shared with the evaluation harness) is held by the process that
+  writes the run: a second run into the same directory is refused at start, naming the first; a stale lock of a
+  killed process is taken over with a message.
 - Starting at step 0 (``run.resume=false``, or nothing to resume) in a directory that holds a run is refused;
   ``--fresh`` moves the old run aside to ``<output_dir>.old-<YYYYmmdd-HHMMSS>`` first, whole, by one rename.
 """
 from __future__ import annotations
 
-import errno
-import fcntl
-import json
 import os
-import socket
 import sys
 import time
-import weakref
 from pathlib import Path
+
+from kdrl.runlock import LOCK_NAME, RunLock, RunLockError
 
 from kdrl.trainer.checkpoint import list_checkpoints, newest_intact_checkpoint, remove_partial_checkpoints
 from kdrl.trainer.config import ConfigError
 
-__all__ = ["RunLock", "RUN_OUTPUTS", "run_contents", "move_aside", "open_run_dir", "LOCK_NAME"]
+__all__ = ["RUN_OUTPUTS", "run_contents", "move_aside", "open_run_dir"]
 
-LOCK_NAME = ".lock"
+_HINT = "choose another run.output_dir"
 # What a run writes at the top of its directory (kdrl/README.md lists them): --fresh moves only such directories.
 RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "curves.png", "tensorboard",
                "config_changes.jsonl", LOCK_NAME)
@@ -34,131 +28,6 @@ RUN_OUTPUTS = ("metrics.jsonl", "samples.jsonl", "checkpoints", "final", "curves
 
 def _warn(message: str) -> None:
     print(f"kdrl.train: {message}", file=sys.stderr, flush=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
-def _holder(record: dict) -> str:
-    return (f"PID {record.get('pid')} on {record.get('host')}, started {record.get('started')} "
-            f"({record.get('command', '?')})")
-
-
-_HELD: set[int] = set()  # descriptors of the locks this process holds
-
-
-def _release(fd: int, owner: int) -> None:
-    """Empty the lock file (free: no holder) and drop the flock. Also run when a Trainer is garbage-collected
-    and at exit; never in a forked child (``owner`` is the PID that took the lock): the lock is its parent's."""
-    if os.getpid() != owner:
-        return
-    _HELD.discard(fd)
-    try:
-        os.ftruncate(fd, 0)
-    except OSError:
-        pass
-    os.close(fd)  # closing the descriptor releases the flock
-
-
-def _close_in_child() -> None:
-    """A forked child (a generation engine's worker, say) shares its parent's flock through the inherited
-    descriptor and would keep the directory locked after the parent died: close it there."""
-    for fd in list(_HELD):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _HELD.clear()
-
-
-os.register_at_fork(after_in_child=_close_in_child)
-
-
-class RunLock:
-    """The lock of one run directory; :meth:`acquire` creates the directory if needed.
-
-    Raises :class:`ConfigError` naming the holder when another live process has it, or when the directory cannot
-    be created or written (a file in its place, no permission).
-    """
-
-    def __init__(self, output_dir: str | Path):
-        self.dir = Path(output_dir)
-        self.path = self.dir / LOCK_NAME
-        self._finalizer = None
-
-    @property
-    def held(self) -> bool:
-        return self._finalizer is not None and self._finalizer.alive
-
-    def acquire(self, warn=_warn) -> None:
-        if self.held:
-            return
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            what = "is not a directory" if err.errno in (errno.EEXIST, errno.ENOTDIR) else (err.strerror or err)
-            raise ConfigError(f"run.output_dir={str(self.dir)!r} cannot be used: {what} ({err.filename})") from None
-        try:
-            flocked = True
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(f"{self.dir} is in use by another run: {_holder(self._read(fd))}; wait for it to "
-                                  "end, or choose another run.output_dir") from None
-            except OSError as err:
-                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-                flocked = False  # a filesystem without flock: fall back to the PID in the file
-            old = self._read(fd)
-            if old:
-                self._take_over(old, flocked, warn)
-            record = {"pid": os.getpid(), "host": socket.gethostname(),
-                      "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                      "command": " ".join(sys.argv) or "python"}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            raise
-        _HELD.add(fd)
-        self._finalizer = weakref.finalize(self, _release, fd, os.getpid())
-
-    def _take_over(self, old: dict, flocked: bool, warn) -> None:
-        """A lock file naming a holder that does not hold the lock: say whose it was, or refuse if unsure."""
-        here = socket.gethostname()
-        if not flocked:
-            if old.get("host") != here:
-                raise ConfigError(f"{self.dir} is locked by {_holder(old)}, another host, and this filesystem has "
-                                  f"no flock to tell whether that run still writes here: if it does not, delete "
-                                  f"{self.path}")
-            if old.get("pid") != os.getpid() and _pid_alive(int(old.get("pid") or 0)):
-                raise ConfigError(f"{self.dir} is in use by another run: {_holder(old)}; wait for it to end, or "
-                                  "choose another run.output_dir")
-        warn(f"taking over the stale lock {self.path} of {_holder(old)}: that process no longer holds it (it "
-             "ended without releasing it: killed or crashed)")
-
-    @staticmethod
-    def _read(fd: int) -> dict:
-        raw = os.pread(fd, 65536, 0).decode(errors="replace").strip()
-        if not raw:
-            return {}
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError:
-            return {"pid": "?", "host": "?", "started": "?", "command": f"unreadable lock file: {raw[:80]!r}"}
-
-    def release(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
 
 
 def _count_lines(path: Path) -> int:
@@ -220,6 +89,15 @@ def move_aside(output_dir: str | Path) -> Path:
     return target
 
 
+def _acquire(out: Path, warn) -> RunLock:
+    lock = RunLock(out, hint=_HINT)
+    try:
+        lock.acquire(warn)
+    except RunLockError as err:
+        raise ConfigError(f"run.output_dir: {err}") from None
+    return lock
+
+
 def open_run_dir(output_dir: str | Path, *, resume: bool, fresh: bool, warn=_warn) -> tuple[RunLock, Path | None]:
     """Lock ``output_dir`` and decide where the run starts: returns the held lock and the checkpoint to resume
     from (None: step 0). Runs before any model is loaded.
@@ -230,14 +108,12 @@ def open_run_dir(output_dir: str | Path, *, resume: bool, fresh: bool, warn=_war
     Leftovers of an interrupted checkpoint write (``checkpoints/.tmp-step_*``) are removed with a message.
     """
     out = Path(output_dir)
-    lock = RunLock(out)
-    lock.acquire(warn)
+    lock = _acquire(out, warn)
     try:
         if fresh and run_contents(out):
             aside = move_aside(out)
             lock.release()  # the old run's lock file moved with it; emptied, it marks that run as not running
-            lock = RunLock(out)
-            lock.acquire(warn)
+            lock = _acquire(out, warn)
             warn(f"--fresh: moved the previous run in {out} to {aside} (nothing deleted); starting at step 0")
         for tmp in remove_partial_checkpoints(out):
             warn(f"removed {tmp}: a checkpoint whose writing was interrupted (never the newest: the run continues "
