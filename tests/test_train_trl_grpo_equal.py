@@ -2,6 +2,7 @@
 importance-sampling ratio and normaliser kept, no full-logits forward, metrics reduced across processes, and the exact
 KL to the teacher equal to a full-logits reference. fp32, tiny random Llama, CPU."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -123,14 +124,38 @@ def test_logprob_hook_equals_trls(tiny, tmp_path):
     assert a[2] is None and b[2] is None
 
 
+TRL_METRICS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+               "clip_ratio/low_min", "clip_ratio/high_max")
+
+
+def _assert_same_trl_metrics(ours, theirs):
+    """TRL's own entropy and clip metrics of the last loss call, logged alike by both trainers."""
+    a, b = ({k: t._metrics["train"][k][-1] for k in TRL_METRICS} for t in (ours, theirs))
+    assert a == pytest.approx(b, rel=2e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize("is_mode", [None, "token"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"])
 def test_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, is_mode):
+    """Also TRL's own entropy and clip_ratio/* metrics, which the subclass logs beside kdrl/*."""
     model = _load(tiny[0])
     ours = _ours(tiny, tmp_path, model=copy.deepcopy(model), loss_type=loss_type)
     theirs = _theirs(tiny, tmp_path, model, loss_type=loss_type)
     inputs = _batch(theirs, is_mode)
     _assert_same(_loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs))
+    _assert_same_trl_metrics(ours, theirs)
+    assert theirs._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # the batch clips, so the metric can fail
+
+
+def test_trl_metrics_on_policy_equal_trls(tiny, tmp_path):
+    """Without old log-probs (TRL's on-policy case, num_iterations=1) TRL's ratio is exactly 1: no clipping, and no
+    extra lm_head pass on our side."""
+    model = _load(tiny[0])
+    ours, theirs = _ours(tiny, tmp_path, model=copy.deepcopy(model)), _theirs(tiny, tmp_path, model)
+    inputs = _batch(theirs)
+    del inputs["old_per_token_logps"]
+    _assert_same(_loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs))
+    _assert_same_trl_metrics(ours, theirs)
 
 
 def test_sequence_level_is_ratio_and_eval_normaliser_equal_trls(tiny, tmp_path):
@@ -173,6 +198,7 @@ def test_no_full_logits_forward_in_a_training_run(tiny, tmp_path, monkeypatch):
     from kdrl.integrations.trl_grpo import KDRLGRPOTrainer
     from kdrl_kernels import KDRLConfig
 
+    @functools.wraps(GRPOTrainer._get_per_token_logps_and_entropies)  # keeps the signature the subclass checks
     def refuse(*args, **kwargs):
         raise AssertionError("TRL's log-prob path ran")
     monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", refuse)
@@ -233,16 +259,23 @@ def test_exact_kl_matches_full_logits_reference(tiny, tmp_path, objective, loss_
 
 
 def test_metrics_are_reduced_across_processes(tiny, tmp_path, monkeypatch):
-    """One accelerator.gather per loss call carries every kdrl metric; with a fake second process the per-token
-    means are token-weighted, num_tokens summed, ratio_min/max the extremes and the losses averaged over processes."""
+    """One accelerator.gather per loss call carries every kdrl metric and TRL's clip counts; with a fake second
+    process the per-token means are token-weighted, num_tokens summed, ratio_min/max the extremes and the losses
+    averaged over processes (registry.reduce_metrics), and TRL's entropy and clip_ratio/* combine as TRL combines
+    them (token-weighted means, nanmin / nanmax of per-sequence shares); this process's share is TRL's own."""
+    from kdrl.integrations.trl_grpo import _CLIP_COLUMNS
     from kdrl_kernels import KDRLConfig
 
-    trainer = _ours(tiny, tmp_path, teacher=True, kdrl=KDRLConfig(objective="kdrl", beta=0.5, log_exact_kl=True))
+    model = _load(tiny[0])
+    trainer = _ours(tiny, tmp_path, model=copy.deepcopy(model), teacher=True,
+                    kdrl=KDRLConfig(objective="kdrl", beta=0.5, log_exact_kl=True))
     inputs = _batch(trainer)
     inputs.update(trainer._teacher_inputs(inputs))
     names = trainer._metric_names()
     other = torch.arange(1.0, len(names) + 1, dtype=torch.float64)  # the fake second process's row
     other[names.index("num_tokens")] = 3.0
+    other_clip = dict(zip(_CLIP_COLUMNS, [2.0, 1.0, 3.0, 0.0, 0.5]))
+    other = torch.cat([other, torch.tensor(list(other_clip.values()), dtype=torch.float64)])
     seen = []
 
     def gather(tensor):
@@ -260,16 +293,31 @@ def test_metrics_are_reduced_across_processes(tiny, tmp_path, monkeypatch):
         return loss, metrics
     monkeypatch.setattr(trainer.kdrl_loss, "forward", keep)
     trainer.compute_loss(trainer.model, inputs)
-    assert len(seen) == 1 and seen[0].shape == (1, len(names)) and set(local) == set(names)
-    logged = {k[len("kdrl/"):]: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("kdrl/")}
+    assert len(seen) == 1 and seen[0].shape == (1, len(names) + len(_CLIP_COLUMNS)) and set(local) == set(names)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    kd = {k[len("kdrl/"):]: v for k, v in logged.items() if k.startswith("kdrl/")}
     n, o = local["num_tokens"], dict(zip(names, other.tolist()))
-    assert logged["num_tokens"] == n + 3.0
-    assert logged["ratio_min"] == min(local["ratio_min"], o["ratio_min"])
-    assert logged["ratio_max"] == max(local["ratio_max"], o["ratio_max"])
+    assert kd["num_tokens"] == n + 3.0
+    assert kd["ratio_min"] == min(local["ratio_min"], o["ratio_min"])
+    assert kd["ratio_max"] == max(local["ratio_max"], o["ratio_max"])
     for name in ("loss", "kd_loss"):
-        assert logged[name] == pytest.approx((local[name] + o[name]) / 2)
+        assert kd[name] == pytest.approx((local[name] + o[name]) / 2)
     for name in ("k2", "exact_kl", "entropy", "clip_frac"):
-        assert logged[name] == pytest.approx((local[name] * n + o[name] * 3.0) / (n + 3.0))
+        assert kd[name] == pytest.approx((local[name] * n + o[name] * 3.0) / (n + 3.0))
+    assert logged["entropy"] == kd["entropy"]
+
+    # This process's clip shares, from TRL's own loss on the same batch (one process: nothing to combine).
+    theirs = _theirs(tiny, tmp_path, model)
+    theirs.current_gradient_accumulation_steps = 1
+    theirs.model.train()
+    theirs.compute_loss(theirs.model, copy.copy(inputs))
+    trl = {k: v[-1] for k, v in theirs._metrics["train"].items()}
+    assert 0 < trl["clip_ratio/low_mean"] and 0 < trl["clip_ratio/high_mean"]  # both bounds engage in this batch
+    for side, col in (("low", "clip_low_sum"), ("high", "clip_high_sum"), ("region", "clip_region_sum")):
+        want = (trl[f"clip_ratio/{side}_mean"] * n + other_clip[col]) / (n + 3.0)
+        assert logged[f"clip_ratio/{side}_mean"] == pytest.approx(want, rel=1e-6)
+    assert logged["clip_ratio/low_min"] == pytest.approx(min(trl["clip_ratio/low_min"], 0.0))
+    assert logged["clip_ratio/high_max"] == pytest.approx(max(trl["clip_ratio/high_max"], 0.5))
 
 
 def test_two_process_gloo_run_logs_the_reduced_metrics(tiny, tmp_path):
