@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("trl")
 from _train_tiny import one_thread  # noqa: E402,F401
-from _trl_grpo import B, P, T, TOL, _assert_same, _batch, _load, _loss_and_grads, _ours, _theirs, make_tiny  # noqa: E402
+from _trl_grpo import (B, P, T, TOL, _assert_same, _batch, _load, _loss_and_grads, _ours, _theirs,  # noqa: E402
+                       make_tiny)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -55,6 +55,14 @@ def test_options_trl_decides_are_refused(tiny, tmp_path, field, value, match):
         _ours(tiny, tmp_path, kdrl=KDRLConfig(objective="grpo", **{field: value}))
 
 
+def test_sharded_lm_head_is_refused(tiny, tmp_path, monkeypatch):
+    """ZeRO-3 (and FSDP, checked the same way) would partition the lm_head weight the loss reads outside the forward."""
+    import transformers.integrations.deepspeed as ds
+    monkeypatch.setattr(ds, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
+        _ours(tiny, tmp_path)
+
+
 def test_exact_kl_metric_without_a_teacher_objective_is_refused(tiny, tmp_path):
     """grpo reads no teacher input (registry.teacher_input), so an exact-KL metric would fail at the first step."""
     from kdrl_kernels import KDRLConfig

@@ -17,9 +17,9 @@ vLLM importance-sampling ratio; data-parallel bookkeeping); this subclass change
 What an objective needs (teacher log-probs or hidden states), which metrics it reports and how they reduce are read
 from ``kdrl_kernels.registry``, so an objective registered there works here unchanged. Checked against TRL 1.16:
 the hooks overridden (``HOOKS``) are compared with the installed TRL at construction (``trl_hooks``). Every
-``KDRLConfig`` field is either honoured or refused at construction with the reason (kdrl/README.md lists them). Data parallel (DDP, ZeRO-1/2) works; FSDP / ZeRO-3 do not, since the lm_head
-weight is read outside the module's forward. Multi-GPU: ``accelerate launch --num_processes 8 my_script.py`` (see
-kdrl/README.md).
+``KDRLConfig`` field is either honoured or refused at construction with the reason (kdrl/README.md lists them).
+Data parallel (DDP, ZeRO-1/2) works; FSDP / ZeRO-3 are refused, since the lm_head weight is read outside the
+module's forward. Multi-GPU: ``accelerate launch --num_processes 8 my_script.py`` (see kdrl/README.md).
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ HOOKS = {
 ATTRIBUTES = ("loss_type", "epsilon_low", "epsilon_high", "temperature", "beta", "importance_sampling_level",
               "top_entropy_quantile", "_entropy_bonus_enabled", "off_policy_mask_threshold", "aux_loss_enabled",
               "use_vllm", "vllm_importance_sampling_correction", "eos_token_ids", "_tokenizer", "reward_weights",
-              "num_generations", "num_generations_eval", "max_completion_length", "_metrics")
+              "num_generations", "num_generations_eval", "max_completion_length", "_metrics", "is_fsdp_enabled")
 # TRL's clip metrics (its _compute_loss, loss types grpo/bnpo/dr_grpo/dapo/luspo), gathered beside ours: the counts of
 # low / high / either-clipped tokens, and each process's least per-sequence low-clip share and largest high one.
 _CLIP_COLUMNS = ("clip_low_sum", "clip_high_sum", "clip_region_sum", "clip_low_min", "clip_high_max")
@@ -157,6 +157,7 @@ class KDRLGRPOTrainer(GRPOTrainer):
 
     def _check_supported(self, cfg: KDRLConfig):
         """Refuse TRL settings this loss does not implement, rather than silently train something else."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
         args = self.args
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is not supported by KDRLGRPOTrainer; use one of "
@@ -169,6 +170,9 @@ class KDRLGRPOTrainer(GRPOTrainer):
             "entropy_coef / use_adaptive_entropy (entropy bonus)": self._entropy_bonus_enabled,
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
             "a MoE router auxiliary loss (set router_aux_loss_coef=0)": self.aux_loss_enabled,
+            "FSDP (the lm_head weight is read outside the module's forward, so it must not be sharded)":
+                self.is_fsdp_enabled,
+            "DeepSpeed ZeRO-3 (the lm_head weight must not be partitioned)": is_deepspeed_zero3_enabled(),
         }
         bad = [name for name, on in refused.items() if on]
         if bad:
