@@ -259,6 +259,8 @@ def test_two_process_gloo_run_logs_the_reduced_metrics(tiny, tmp_path):
         a, b = (r["local"][step] for r in ranks)  # one micro-batch per step and process
         kdrl = [{k: v for k, v in h[step].items() if k.startswith("kdrl/")} for h in logged]
         assert len(kdrl[0]) > 10 and kdrl[0] == kdrl[1]
+        trl = [{k: h[step][k] for k in TRL_METRICS} for h in logged]  # TRL's own, combined over processes too
+        assert trl[0] == trl[1] and trl[0]["entropy"] == kdrl[0]["kdrl/entropy"]
         assert a["k2"] != b["k2"]  # the processes saw different completions
         assert logged[0][step]["kdrl/num_tokens"] == a["num_tokens"] + b["num_tokens"]
         want = (a["k2"] * a["num_tokens"] + b["k2"] * b["num_tokens"]) / (a["num_tokens"] + b["num_tokens"])
