@@ -42,14 +42,14 @@ def _args(tmp_path, **overrides):
     return GRPOConfig(**kw)
 
 
-def _ours(tiny, tmp_path, model=None, teacher=False, kdrl=None, **overrides):
+def _ours(tiny, tmp_path, model=None, teacher=False, kdrl=None, trl_clip_metrics=True, **overrides):
     from kdrl.integrations.trl_grpo import KDRLGRPOTrainer
     from kdrl_kernels import KDRLConfig
     student_dir, teacher_dir, tok, data = tiny
     return KDRLGRPOTrainer(model=model if model is not None else _load(student_dir), reward_funcs=_reward,
                            args=_args(tmp_path / "ours", **overrides), train_dataset=data, processing_class=tok,
                            teacher_model=_load(teacher_dir) if teacher else None,
-                           kdrl_config=kdrl or KDRLConfig(objective="grpo"))
+                           kdrl_config=kdrl or KDRLConfig(objective="grpo"), trl_clip_metrics=trl_clip_metrics)
 
 
 def _theirs(tiny, tmp_path, model, **overrides):

@@ -187,6 +187,32 @@ def test_registered_test_objective_reaches_trl(tiny, tmp_path, loss_type):
     _assert_equal_f64(got, want, _grads(ref))
 
 
+def test_trl_clip_metrics_can_be_skipped(tiny, tmp_path, monkeypatch):
+    """trl_clip_metrics=False: no clip_ratio/* and no extra lm_head pass; the loss and kdrl/* are unchanged."""
+    import kdrl.integrations.trl_grpo as module
+
+    model = _load(tiny[0])
+    runs = {}
+    for on in (True, False):
+        trainer = _ours(tiny, tmp_path, model=copy.deepcopy(model), trl_clip_metrics=on)
+        inputs = _batch(trainer)
+        calls = []
+        original = module.fused_linear_logprobs
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(module, "fused_linear_logprobs", counted)
+        loss, _ = _loss_and_grads(trainer, inputs)
+        monkeypatch.setattr(module, "fused_linear_logprobs", original)
+        runs[on] = (loss, len(calls), {k: v[-1] for k, v in trainer._metrics["train"].items()})
+    assert runs[True][1] == 1 and runs[False][1] == 0  # the extra pass (old log-probs are in the batch)
+    assert "clip_ratio/region_mean" in runs[True][2] and not any(k.startswith("clip_ratio") for k in runs[False][2])
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert {k: v for k, v in runs[True][2].items() if k.startswith("kdrl/")} == \
+        {k: v for k, v in runs[False][2].items() if k.startswith("kdrl/")}
+
+
 def test_trl_hooks_are_the_ones_we_were_written_for():
     """Fails, naming the hook, when the installed TRL changes a method KDRLGRPOTrainer or KDRLDistillationTrainer
     overrides or calls (then re-read TRL's new hook before widening setup.py's range)."""
