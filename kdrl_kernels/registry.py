@@ -135,9 +135,9 @@ def kl_in_loss(cfg) -> bool:
 def teacher_input(cfg) -> str:
     """What a caller must pass for ``cfg``: ``"none"``, ``"logprobs"`` (teacher log-probs of the sampled tokens
     suffice) or ``"hidden"`` (teacher hidden states + lm_head: the exact KL is in the loss or logged)."""
-    if not get_objective(cfg.objective).needs_teacher:
-        return "none"
-    return "hidden" if kl_in_loss(cfg) or cfg.log_exact_kl else "logprobs"
+    if kl_in_loss(cfg) or cfg.log_exact_kl:  # log_exact_kl: a metric of the distance to the teacher, any objective
+        return "hidden"
+    return "logprobs" if get_objective(cfg.objective).needs_teacher else "none"
 
 
 def token_losses(s, t, old, adv, kl, cfg, beta: float):

@@ -49,8 +49,7 @@ def test_builtin_declarations_match_the_formulas(objective):
     torch.testing.assert_close(total, _by_hand(objective, s, t, old, adv, 0.3, cfg))
     assert R.applied_kd_coef(cfg, 0.3) == {"grpo": 0.0, "trrd": 0.0, "kd": 1.0}.get(objective, 0.3)
     assert R.teacher_input(cfg) == ("none" if objective == "grpo" else "logprobs")
-    assert R.teacher_input(KDRLConfig(objective=objective, log_exact_kl=True)) == (
-        "none" if objective == "grpo" else "hidden")
+    assert R.teacher_input(KDRLConfig(objective=objective, log_exact_kl=True)) == "hidden"
 
 
 def test_metrics_reduce_as_declared():

@@ -63,13 +63,23 @@ def test_sharded_lm_head_is_refused(tiny, tmp_path, monkeypatch):
         _ours(tiny, tmp_path)
 
 
-def test_exact_kl_metric_without_a_teacher_objective_is_refused(tiny, tmp_path):
-    """grpo reads no teacher input (registry.teacher_input), so an exact-KL metric would fail at the first step."""
+def test_exact_kl_metric_on_a_teacherless_objective_reads_the_teacher(tiny, tmp_path):
+    """grpo with log_exact_kl=True logs the exact KL to the teacher (registry.teacher_input says "hidden"): it needs a
+    teacher_model, and with one the loss is GRPO's while kdrl/exact_kl is logged."""
     from kdrl_kernels import KDRLConfig
-    with pytest.raises(ValueError, match="log_exact_kl=True: objective 'grpo' reads no teacher input"):
-        _ours(tiny, tmp_path, teacher=True, kdrl=KDRLConfig(objective="grpo", log_exact_kl=True))
-    with pytest.raises(ValueError, match="needs teacher_model"):
+    cfg = KDRLConfig(objective="grpo", log_exact_kl=True)
+    with pytest.raises(ValueError, match=r"\(log_exact_kl=True\) needs teacher_model"):
+        _ours(tiny, tmp_path, kdrl=cfg)
+    with pytest.raises(ValueError, match=r"\(objective='kdrl'\) needs teacher_model"):
         _ours(tiny, tmp_path, kdrl=KDRLConfig(objective="kdrl"))
+    trainer = _ours(tiny, tmp_path, teacher=True, kdrl=cfg)
+    plain = _ours(tiny, tmp_path, model=copy.deepcopy(trainer.model), kdrl=KDRLConfig(objective="grpo"))
+    inputs = _batch(trainer)
+    inputs.update(trainer._teacher_inputs(inputs))
+    assert "teacher_hidden" in inputs
+    loss, _ = _loss_and_grads(trainer, inputs)
+    torch.testing.assert_close(loss, _loss_and_grads(plain, _batch(plain))[0])
+    assert trainer._metrics["train"]["kdrl/exact_kl"][-1] > 0
 
 
 def test_group_all_wrong_mask_spans_the_shuffled_generation_batch(tiny, tmp_path):

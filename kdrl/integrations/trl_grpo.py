@@ -105,7 +105,9 @@ def _check_config(cfg: KDRLConfig, has_teacher: bool):
         raise TypeError(f"kdrl_config must be a KDRLConfig, got {type(cfg).__name__}")
     needs = R.teacher_input(cfg)
     if needs != "none" and not has_teacher:
-        raise ValueError(f"kdrl_config.objective={cfg.objective!r} needs teacher_model")
+        why = "log_exact_kl=True" if needs == "hidden" and not R.get_objective(cfg.objective).needs_teacher else (
+            f"objective={cfg.objective!r}")
+        raise ValueError(f"kdrl_config ({why}) needs teacher_model")
     default = KDRLConfig()
     refused = {
         f"aggregation={cfg.aggregation!r} / max_len={cfg.max_len}: TRL's loss_type decides the normaliser "
@@ -115,8 +117,6 @@ def _check_config(cfg: KDRLConfig, has_teacher: bool):
             cfg.scale_rewards != default.scale_rewards,
         f"adv_eps={cfg.adv_eps}: TRL computes the advantages with its own epsilon":
             cfg.adv_eps != default.adv_eps,
-        f"log_exact_kl=True: objective {cfg.objective!r} reads no teacher input":
-            cfg.log_exact_kl and needs == "none",
     }
     bad = [reason for reason, on in refused.items() if on]
     if bad:
