@@ -79,7 +79,7 @@ def collect(out: Path, smoke: bool, budget_s: float = BUDGET_S, parts=PARTS, pyt
         env["TRITON_INTERPRET"] = "1"
     (out / "parts").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    doc = dict(smoke=smoke, parts=[], meta={}, accuracy=[], speed=[], tiles=[])
+    doc = dict(smoke=smoke, parts=[], meta={}, accuracy=[], speed=[], tiles=[], compiled=[])
     for name in parts:
         cap = min(CAPS[name], budget_s - (time.perf_counter() - start))
         if cap < 5:
@@ -98,7 +98,7 @@ def collect(out: Path, smoke: bool, budget_s: float = BUDGET_S, parts=PARTS, pyt
             kind = r.pop("kind", None)
             if kind == "meta" and not doc["meta"]:
                 doc["meta"] = r
-            elif kind in ("accuracy", "speed", "tiles"):
+            elif kind in ("accuracy", "speed", "tiles", "compiled"):
                 doc[kind].append(r)
         _finish(doc, start)
         if after_part:
@@ -176,6 +176,17 @@ def markdown(doc):
               "|---|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {c['kernel']} | {c['dtype']} | {c['BLOCK_N']} | {c['BLOCK_V']} | {c['BLOCK_D']} | "
               f"{c['num_warps']} | {c['num_stages']} |" for c in doc["tiles"] if "kernel" in c]
+    if doc["compiled"]:
+        lines += ["", "## Kernels as compiled on this machine (registers and spills from the loaded binaries)", "",
+                  "| kernel | input | constexprs | warps/stages | regs | spill B | smem B |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for c in doc["compiled"]:
+            if "error" in c:
+                lines.append(f"| {c['kernel']} | failed: {c['error']} | | | | | |")
+                continue
+            consts = ", ".join(f"{k}={c[k]}" for k in c if k.isupper())
+            lines.append(f"| {c['kernel']} | {c['input']} | {consts} | {c['num_warps']}/{c['num_stages']} | "
+                         f"{c['registers']} | {c['spill_bytes']} | {c['shared_bytes']} |")
     bad = [p for p in doc["parts"] if p["status"] != "ok"]
     for p in bad:
         lines += ["", f"## Log tail of part {p['part']} ({p['status']})", "", "```", p["log_tail"].rstrip(), "```"]
@@ -214,6 +225,11 @@ def summary(doc, out):
     if ratios:
         lines.append(("smoke, not a speed: " if doc["smoke"] else "") + "Triton speed-up: "
                      + ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in ratios.items()))
+    comp = [c for c in doc["compiled"] if "error" not in c]
+    if doc["compiled"]:
+        lines.append(f"kernels compiled here: {len(comp)}, spilling: {sum(c['spill_bytes'] > 0 for c in comp)}, "
+                     f"max registers {max((c['registers'] for c in comp), default='-')}, "
+                     f"unreadable: {len(doc['compiled']) - len(comp)}")
     lines.append(f"report: {out / 'gpu_check.md'} (and gpu_check.json, parts/*.log)")
     lines.append(json.dumps(dict(smoke=doc["smoke"], accuracy_pass=doc["accuracy_pass"],
                                  accuracy=f"{sum(r['pass'] for r in acc)}/{len(acc)}", gaps=len(gaps),

@@ -16,6 +16,7 @@ The first line is ``{"kind": "meta", ...}`` (machine and versions), the last ``{
 - liger: Liger's chunked GRPO (compiled) on the same steps, when ``liger_kernel`` is importable. Its own process:
   in one process a torch.compile'd provider slowed the eager ones that ran after it (bench/isolated.py).
 - tiles: the tile configuration each Triton kernel launches with.
+The accuracy part ends with the registers and spill bytes of every kernel it compiled (``{"kind": "compiled"}``).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ class Part:
 
     def write(self, **row):
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, default=str) + "\n")  # default=str: a Triton constexpr wrapper, say
 
     def time_left(self) -> float:
         return self.cap_s - (time.perf_counter() - self.start)
@@ -236,6 +237,33 @@ def accuracy(torch, part, shape, device, backends):
             _free(torch, device)
         del x
         _free(torch, device)
+    if "triton" in backends:
+        compiled_kernels(part)
+
+
+_COMPILED_KEYS = ("KIND", "BLOCK_N", "BLOCK_V", "BLOCK_D", "HAS_GENT", "HAS_MASK", "PRECISION", "S_PRECISION")
+
+
+def compiled_kernels(part):
+    """Registers and spills of every Triton kernel this process compiled, read from the JIT caches (what ptxas did
+    on this machine, to hold against the ahead-of-time report). Nothing under the interpreter, which compiles none."""
+    from kdrl_kernels.triton import kl, logprobs
+    fns = [logprobs._logprobs_fwd_kernel, logprobs._logprobs_bwd_hidden_kernel, logprobs._logprobs_bwd_weight_kernel,
+           kl._kl_fwd_kernel, kl._kl_bwd_hidden_kernel, kl._kl_bwd_weight_kernel]
+    for fn in fns:
+        for caches in getattr(fn, "device_caches", {}).values():
+            for compiled in caches[0].values():
+                try:
+                    src, md = compiled.src, compiled.metadata
+                    names = {(i,): n for i, n in enumerate(fn.arg_names)}
+                    consts = {names.get(k, str(k)): v for k, v in src.constants.items()}
+                    first_ptr = next(v for k, v in src.signature.items() if k.endswith("_ptr"))
+                    part.write(kind="compiled", kernel=compiled.name, input=first_ptr,
+                               **{k: consts[k] for k in _COMPILED_KEYS if k in consts},
+                               num_warps=md.num_warps, num_stages=md.num_stages, shared_bytes=md.shared,
+                               registers=compiled.n_regs, spill_bytes=compiled.n_spills)
+                except Exception as err:  # a Triton whose internals differ: say so, keep the rest
+                    part.write(kind="compiled", kernel=getattr(compiled, "name", "?"), error=_error_text(err))
 
 
 def _free(torch, device):

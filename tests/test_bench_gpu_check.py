@@ -140,3 +140,27 @@ def test_the_float64_reference_in_row_chunks_equals_the_whole():
         whole, pieces = ref(torch.float64), parts._float64_ref(torch, ref, 37, 16)
         for a, b in zip(whole[0] + whole[1], pieces[0] + pieces[1]):
             assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-12, atol=1e-14), op
+
+
+@pytest.mark.triton
+def test_compiled_kernels_reads_registers_from_a_jit_cache_entry(tmp_path, monkeypatch):
+    # Only a GPU fills the JIT caches; here one entry is built the way a launch builds it (an ASTSource from the
+    # installed Triton), so the reading code meets the real internals of this Triton before the GPU run does.
+    import torch
+    from types import SimpleNamespace
+    from bench import gpu_check_parts as parts
+    from kdrl_kernels.triton import aot, logprobs
+    real = logprobs._logprobs_fwd_kernel
+    if not hasattr(real, "device_caches"):
+        pytest.skip("kernels were decorated under TRITON_INTERPRET in this process")
+    src = aot.build_source(real, torch.bfloat16, dict(HAS_BIAS=False), dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64))
+    compiled = SimpleNamespace(src=src, name="_logprobs_fwd_kernel", n_regs=176, n_spills=0,
+                               metadata=SimpleNamespace(num_warps=8, num_stages=3, shared=49152))
+    fake = SimpleNamespace(device_caches={0: ({"key": compiled}, {}, None, None, None)}, arg_names=real.arg_names)
+    monkeypatch.setattr(logprobs, "_logprobs_fwd_kernel", fake)
+    sink = parts.Part(tmp_path / "compiled.jsonl", cap_s=60)
+    parts.compiled_kernels(sink)
+    rows = [json.loads(line) for line in (tmp_path / "compiled.jsonl").read_text().splitlines()]
+    assert rows == [dict(kind="compiled", kernel="_logprobs_fwd_kernel", input="*bf16", BLOCK_N=64, BLOCK_V=128,
+                         BLOCK_D=64, PRECISION="tf32", num_warps=8, num_stages=3, shared_bytes=49152, registers=176,
+                         spill_bytes=0)]
