@@ -220,6 +220,7 @@ def accuracy(torch, part, shape, device, backends):
                 refs = [gt, ref(torch.bfloat16), ref(torch.float32)]
             except Exception as err:  # e.g. out of memory in the float64 reference: the other groups still run
                 part.write(**base, backend="-", error=f"reference: {_error_text(err)}")
+                _free(torch, device)
                 continue
             for backend, fn in ours.items():
                 start = time.perf_counter()
@@ -227,6 +228,7 @@ def accuracy(torch, part, shape, device, backends):
                     got = fn()
                 except Exception as err:
                     part.write(**base, backend=backend, error=_error_text(err))
+                    _free(torch, device)
                     continue
                 flat = [outs + grads for outs, grads in (got, *refs)]
                 for i, name in enumerate(names):

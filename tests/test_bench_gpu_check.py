@@ -164,3 +164,15 @@ def test_compiled_kernels_reads_registers_from_a_jit_cache_entry(tmp_path, monke
     assert rows == [dict(kind="compiled", kernel="_logprobs_fwd_kernel", input="*bf16", BLOCK_N=64, BLOCK_V=128,
                          BLOCK_D=64, PRECISION="tf32", num_warps=8, num_stages=3, shared_bytes=49152, registers=176,
                          spill_bytes=0)]
+
+
+def test_an_op_that_raises_becomes_an_error_row_and_the_rest_is_measured(tmp_path):
+    import torch
+    from bench import gpu_check_parts as parts
+    sink = parts.Part(tmp_path / "accuracy.jsonl", cap_s=120)
+    parts.accuracy(torch, sink, parts.SMOKE, "cpu", ("torch", "no-such-backend"))
+    rows = [json.loads(line) for line in (tmp_path / "accuracy.jsonl").read_text().splitlines()]
+    broken = [r for r in rows if r["backend"] == "no-such-backend"]
+    assert len(broken) == 10 and all("backend must be one of" in r["error"] for r in broken)  # 5 ops x 2 dtypes
+    good = [r for r in rows if r["backend"] == "torch"]
+    assert len(good) == 2 * (5 + 3 * 3 + 3) and all(r["pass"] for r in good)
