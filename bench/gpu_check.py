@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.gpu_check_parts import PARTS, TEMPERATURE  # noqa: E402  (stdlib only: no torch in this process)
+from bench.gpu_check_parts import PARTS, TEMPERATURE  # noqa: E402  (its module level is stdlib only)
 
-# Seconds per part. Measured nowhere yet on a GPU: the float64 references and the first Triton compiles dominate the
-# accuracy part. The total stays under 8 minutes so that a 15-minute machine loan leaves room for a rerun.
+# Seconds per part, not yet checked on a GPU (the first Triton compiles, about 28 kernels, should dominate the
+# accuracy part). The total stays under 8 minutes so that a 15-minute machine loan leaves room for a rerun.
 CAPS = {"accuracy": 210, "speed": 150, "liger": 75, "tiles": 25}
 BUDGET_S = 465
 
