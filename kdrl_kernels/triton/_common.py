@@ -14,34 +14,9 @@ import triton
 import triton.language as tl
 
 
-def _patch_interpreter_bf16_dot() -> None:
-    """Workaround for Triton 3.9's interpreter (``TRITON_INTERPRET=1``), which stores bf16 as raw uint16 bits and
-    multiplies those bits in ``tl.dot`` (results around 1e10). Widen bf16 operands to fp32 first: exact, and the
-    same as a tensor core, which forms bf16 products exactly and accumulates them in fp32. Harmless if a later
-    Triton handles bf16 itself (the original then simply receives fp32 operands)."""
-    import numpy as np  # the interpreter needs numpy anyway; GPU use does not
-    from triton.runtime import interpreter
-
-    builder = type(interpreter.interpreter_builder)
-    original = builder.create_dot
-    if getattr(original, "_kdrl_bf16_patch", False):
-        return
-
-    def widen(x):
-        if x.dtype != tl.bfloat16:
-            return x
-        bits = x.data.astype(np.uint32) << 16  # bf16 is the top half of an fp32
-        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    create_dot._kdrl_bf16_patch = True
-    builder.create_dot = create_dot
-
-
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-    _patch_interpreter_bf16_dot()
+    from . import _interpreter  # CPU interpreter workarounds (tests, smoke runs); never imported for GPU use
+    _interpreter.apply()
 
 
 @dataclass(frozen=True)
@@ -65,20 +40,22 @@ class KernelConfig:
                     num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-# Tuned with the ahead-of-time report (python -m kdrl_kernels.triton.aot): no register spills on sm_80 or sm_90.
-# The hidden dimension is a runtime loop in BLOCK_D chunks, so these numbers hold for any d (4096 included).
-# fp32 inputs use ieee dots (FMA, not tensor cores) whose operands live in registers, hence BLOCK_D = 16; ptxas
-# spilled with BLOCK_D = 32 (4 KB, logprobs grad_weight), with BLOCK_V = 128 in that kernel (16 B on sm_80) and,
-# oddly, with BLOCK_V = 64 in the logprobs forward (24 B on sm_90). Keys: (kernel, input element size in bytes).
+# Chosen with the ahead-of-time report (python -m kdrl_kernels.triton.aot), never timed: no register spills on
+# sm_80 or sm_90 under Triton 3.6.0 and 3.9.0, tensor cores for bf16. The hidden dimension is a runtime loop in
+# BLOCK_D chunks, so these numbers hold for any d (4096 included). fp32 inputs use ieee dots (FMA, not tensor cores)
+# whose operands live in registers, hence BLOCK_D = 16. Their tiles are small and ptxas' choices erratic: 3.6's
+# ptxas capped the former 64-row tiles at 128 registers and spilled 8-24 B in six kernels, and a small change can
+# spill elsewhere (BLOCK_N = 32 in the logprobs backward: 8 B on sm_80 under 3.9). Recheck both versions after any
+# change here (tests/test_triton_aot.py; KDRL_TEST_PYTHONS adds the other Triton). Keys: (kernel, element size).
 _BF16_SINGLE = KernelConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
 _BF16_PAIR = KernelConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=64, num_warps=8, num_stages=3)
-_FP32_WIDE = KernelConfig(BLOCK_N=64, BLOCK_V=128, BLOCK_D=16, num_warps=8, num_stages=2)
-_FP32 = KernelConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2)
 CONFIGS = {
     ("logprobs_fwd", 2): _BF16_SINGLE, ("logprobs_bwd", 2): _BF16_SINGLE,
     ("kl_fwd", 2): _BF16_PAIR, ("kl_bwd", 2): _BF16_PAIR,
-    ("logprobs_fwd", 4): _FP32_WIDE, ("logprobs_bwd", 4): _FP32,
-    ("kl_fwd", 4): _FP32, ("kl_bwd", 4): _FP32,
+    ("logprobs_fwd", 4): KernelConfig(BLOCK_N=32, BLOCK_V=128, BLOCK_D=16, num_warps=8, num_stages=2),
+    ("logprobs_bwd", 4): KernelConfig(BLOCK_N=64, BLOCK_V=32, BLOCK_D=16, num_warps=8, num_stages=2),
+    ("kl_fwd", 4): KernelConfig(BLOCK_N=32, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=2),
+    ("kl_bwd", 4): KernelConfig(BLOCK_N=64, BLOCK_V=64, BLOCK_D=16, num_warps=8, num_stages=3),
 }
 
 
