@@ -11,18 +11,18 @@
    verl's torch backend calls ``FusedLinearForPPO(hidden_states, lm_head.weight, rolled_labels, temperature)``.
    Dense text models only (verl's generic forward); the vision-language model types verl special-cases are refused.
 2. **Distillation losses** (``verl.trainer.distillation.losses.register_distillation_loss``), on the per-token
-   log-probs verl already has (the student's from the actor forward, the teacher's from verl's teacher server):
-   - ``distillation.distillation_loss.loss_mode=kdrl``: KDRL's KD term, ``beta(step) * kd_mask * k`` with ``k`` the
-     ``KDRLConfig.kl_estimator`` (k2 by default), the beta schedule and the reward-guided mask of ``KDRLConfig``.
-     With ``use_task_rewards=True`` verl adds it to its own GRPO/PPO policy loss (KDRL's joint form); the per-token
-     term is divided by ``distillation_loss_coef`` so the total is ``pg + beta(step) * kd`` whatever that coefficient.
-     With ``use_task_rewards=False`` it is pure on-policy KD (coefficient 1, mask still applied).
-   - ``loss_mode=kdrl_trrd``: TRRD, the clipped surrogate with the log-ratio to the geometric mixture of the old
-     policy and the teacher, with verl's advantages, clip range (``clip_ratio_low/high``), dual clip
-     (``clip_ratio_c``) and rollout importance weights. It replaces verl's policy loss, so it needs
-     ``use_task_rewards=False``.
-   Both need ``use_policy_gradient=False`` (verl's other mode feeds ``-loss`` to a policy loss as an advantage) and
-   ``loss_max_clamp=null`` (verl clamps per-token losses to +-10 by default, which would cut the TRRD surrogate).
+   log-probs verl already has (the student's from the actor forward, the teacher's from verl's teacher server), with
+   the per-token terms read from :mod:`kdrl_kernels.registry` (``token_losses``, ``applied_kd_coef``), so any
+   registered objective reaches verl:
+   - ``distillation.distillation_loss.loss_mode=kdrl``: only the objective's KD term, ``coef(beta(step)) * kd_mask
+     * k``. With ``use_task_rewards=True`` verl adds it to its own GRPO policy loss (KDRL's joint form; the term is
+     divided by ``distillation_loss_coef`` so the total is ``pg + beta(step) * k``); with ``use_task_rewards=False``
+     it is pure on-policy KD.
+   - ``loss_mode=kdrl_objective``: the whole registered objective (policy-gradient and KD terms, verl's advantages,
+     old log-probs and rollout importance weights), replacing verl's policy loss (``use_task_rewards=False``).
+     ``loss_mode=kdrl_trrd`` is the same for ``objective=trrd``.
+   What is honoured and what is refused, and why, is decided in :mod:`kdrl.integrations.verl_checks`: in the
+   driver before Ray starts (we wrap ``verl.utils.config.validate_config``) and again in the loss.
 
 Nothing is registered in verl's policy-loss registry: a policy loss there receives only the policy's own log-probs
 (``old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights``), not the teacher's.
@@ -37,55 +37,66 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import fields
 from typing import Any, Optional
 
 import torch
 
 from kdrl_kernels import KDRLConfig, fused_linear_logprobs
 from kdrl_kernels import objectives as O
+from kdrl_kernels import registry as R
 
-__all__ = ["install", "set_config", "get_config", "kdrl_backend_logprobs", "forward_with_kdrl_backend",
-           "kdrl_distillation_loss", "trrd_distillation_loss", "BACKEND", "KDRL_LOSS", "TRRD_LOSS", "ENV_CONFIG"]
+from . import verl_checks as C
+from .verl_checks import KDRL_LOSS, OBJECTIVE_LOSS, TRRD_LOSS
+
+__all__ = ["install", "uninstall", "set_config", "get_config", "given_fields", "resolved_config", "batch_step",
+           "batch_correct", "kdrl_backend_logprobs", "forward_with_kdrl_backend", "kdrl_distillation_loss",
+           "objective_distillation_loss", "BACKEND", "KDRL_LOSS", "OBJECTIVE_LOSS", "TRRD_LOSS", "ENV_CONFIG"]
 
 BACKEND = "kdrl"
-KDRL_LOSS = "kdrl"
-TRRD_LOSS = "kdrl_trrd"
 ENV_CONFIG = "KDRL_VERL_CONFIG"
 # model types for which verl has a model-specific fused forward (vision-language); ours is the dense-text one
 _VERL_SPECIAL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe")
 
 _config: Optional[KDRLConfig] = None
+_given: set = set()
 _installed = False
 
 
 def set_config(config: Optional[KDRLConfig] = None, **config_fields) -> KDRLConfig:
-    """Set the :class:`KDRLConfig` the registered losses use (``set_config(cfg)`` or ``set_config(beta=...)``)."""
-    global _config
+    """Set the :class:`KDRLConfig` the registered losses use (``set_config(cfg)`` or ``set_config(beta=...)``).
+
+    The fields given (keyword names, or a config's fields that differ from the defaults) are the ones checked
+    against verl's own settings (verl_checks); the others take verl's values where verl owns them.
+    """
+    global _config, _given
     if config is not None and config_fields:
         raise ValueError("pass either a KDRLConfig or keyword fields, not both")
     if config is not None and not isinstance(config, KDRLConfig):
         raise TypeError(f"config must be a KDRLConfig, got {type(config).__name__}")
-    _config = config if config is not None else KDRLConfig(**config_fields)
+    _config = config if config is not None else KDRLConfig.from_dict(config_fields)
+    _given = C.given_fields(_config) if config is not None else set(config_fields)
     return _config
 
 
-def get_config() -> KDRLConfig:
-    """The config set by :func:`set_config` / :func:`install`, else the JSON in ``$KDRL_VERL_CONFIG``, else defaults."""
-    if _config is not None:
-        return _config
+def _from_environment():
     raw = os.environ.get(ENV_CONFIG, "").strip()
     if not raw:
-        return KDRLConfig()
+        return KDRLConfig(), set()
     try:
         values = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ValueError(f"${ENV_CONFIG} must hold KDRLConfig fields as a JSON object: {e}") from None
-    known = {f.name for f in fields(KDRLConfig)}
-    if not isinstance(values, dict) or set(values) - known:
-        raise ValueError(f"${ENV_CONFIG}: unknown KDRLConfig fields {sorted(set(values) - known)}"
-                         if isinstance(values, dict) else f"${ENV_CONFIG} must be a JSON object")
-    return KDRLConfig(**values)
+    return KDRLConfig.from_dict(values, where=f"${ENV_CONFIG}: "), set(values)
+
+
+def get_config() -> KDRLConfig:
+    """The config set by :func:`set_config` / :func:`install`, else the JSON in ``$KDRL_VERL_CONFIG``, else defaults."""
+    return _config if _config is not None else _from_environment()[0]
+
+
+def given_fields() -> set:
+    """The names of the fields the user gave (see :func:`set_config`; for ``$KDRL_VERL_CONFIG`` its JSON keys)."""
+    return set(_given) if _config is not None else _from_environment()[1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -147,7 +158,7 @@ def _wrap_patch_forward_with_backends(original):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# (b) KDRL and TRRD through verl's distillation-loss registry
+# (b) the registered objectives through verl's distillation-loss registry
 
 
 def _padded(x, data):
@@ -159,15 +170,8 @@ def _dense(x):
     return x.to_padded_tensor(0) if getattr(x, "is_nested", False) else x
 
 
-def _inputs(distillation_config, model_output, data, name):
+def _inputs(model_output, data):
     """Student / teacher log-probs and the response mask as ``(B, R)``, as verl's own estimator loss reads them."""
-    loss_cfg = distillation_config.distillation_loss
-    if loss_cfg.use_policy_gradient:
-        raise ValueError(f"loss_mode={name} needs distillation.distillation_loss.use_policy_gradient=False "
-                         "(it is a loss, not a reward for verl's policy gradient)")
-    if loss_cfg.loss_max_clamp is not None:
-        raise ValueError(f"loss_mode={name} needs distillation.distillation_loss.loss_max_clamp=null "
-                         "(verl would clamp the per-token loss)")
     s = _padded(model_output["log_probs"], data).float()
     t = _padded(data["teacher_logprobs"], data).squeeze(-1).float()
     mask = data["response_mask"]
@@ -178,10 +182,41 @@ def _inputs(distillation_config, model_output, data, name):
     return s, t.detach(), mask
 
 
-def _step(data):
+def _temperature(data) -> Optional[float]:
     from verl.utils import tensordict_utils as tu
-    step = tu.get_non_tensor_data(data=data, key="global_steps", default=None)
-    return None if step is None else int(step)
+    value = tu.get(data, "temperature", None)
+    if isinstance(value, torch.Tensor):
+        value = value.unique()
+        return float(value) if value.numel() == 1 else None
+    return None if value is None else float(value)
+
+
+def batch_step(data) -> Optional[int]:
+    """The schedule step (0 = first update) of an actor micro-batch, or None where the batch carries none.
+
+    verl's v1 trainer stores ``global_steps`` per sample (the step its prompt went to the rollout at; verl counts
+    from 1); a hand-made batch may hold one ``global_steps`` for the whole batch. Samples of different steps (an
+    async trainer) are refused: the schedule is a function of the update's step.
+    """
+    from verl.utils import tensordict_utils as tu
+    value = tu.get(data, "global_steps", None)
+    if value is None:
+        return None
+    steps = {int(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else
+                              value if isinstance(value, (list, tuple)) else [value])}
+    if len(steps) != 1:
+        raise ValueError(f"the micro-batch holds samples of several trainer steps {sorted(steps)}; a beta schedule "
+                         "needs trainer.v1.trainer_mode=sync")
+    return max(steps.pop() - 1, 0)
+
+
+def batch_correct(data) -> Optional[torch.Tensor]:
+    """``(B,)`` bool: the response's task reward is > 0 (KDRLLoss's convention), from ``token_level_scores`` (v0)
+    or ``rm_scores`` (v1: the reward sits on the response's last token); None where the batch carries neither."""
+    for key in ("token_level_scores", "rm_scores"):
+        if key in data.keys():
+            return _dense(data[key]).float().sum(-1) > 0
+    return None
 
 
 def _masked_mean(x, mask):
@@ -189,80 +224,84 @@ def _masked_mean(x, mask):
     return float((x * mask).sum() / n) if n > 0 else 0.0
 
 
-def _sequence_kd_weight(cfg, data, batch, device):
-    if cfg.kd_mask == "none":
-        return torch.ones(batch, device=device)
-    if cfg.kd_mask == "group_all_wrong":
-        raise NotImplementedError("kd_mask='group_all_wrong' is not offered in verl: a loss sees one micro-batch, "
-                                  "which need not hold every response of a group; use 'incorrect' or 'none'")
-    if "token_level_scores" not in data:
-        raise ValueError(f"kd_mask={cfg.kd_mask!r} needs the batch's token_level_scores (the task reward)")
-    scores = _dense(data["token_level_scores"]).float()
-    correct = scores.sum(-1) > 0  # KDRLLoss's convention: a response is correct when its reward is > 0
-    return O.kd_sequence_mask(correct, None, cfg.kd_mask).to(device)
+def resolved_config(config, distillation_config, data) -> KDRLConfig:
+    """The KDRLConfig the loss runs with for this actor / distillation config (verl_checks.resolve)."""
+    user = get_config()
+    return C.resolve(user, given_fields(), loss_mode=distillation_config.distillation_loss.loss_mode,
+                     loss_cfg=distillation_config.distillation_loss, actor=config, temperature=_temperature(data))
+
+
+def _objective_terms(cfg, loss_cfg, data, s, t, mask):
+    """Per-token ``(pg, kd_weighted, beta, metrics)``: the objective's terms as KDRLLoss forms them."""
+    step = batch_step(data)
+    if cfg.beta_schedule != "constant" and step is None:
+        raise ValueError(f"beta_schedule={cfg.beta_schedule!r} needs the batch's global_steps; none was found")
+    beta = O.beta_at(step, cfg.beta, cfg.beta_schedule, cfg.beta_min, cfg.beta_decay, cfg.total_steps)
+    obj = R.get_objective(cfg.objective)
+    old = adv = None
+    if obj.log_ratio is not None:
+        old = _dense(data["old_log_probs"]).float().detach()
+        adv = _dense(data["advantages"]).float()
+    pg, kd = R.token_losses(s, t, old, adv if adv is not None else torch.zeros_like(s), None, cfg, beta)
+    metrics = {"kdrl/beta": R.applied_kd_coef(cfg, beta)}
+    m = mask.float()
+    if kd is not None:
+        if cfg.kd_mask == "none":
+            seq_w = torch.ones(s.shape[0], device=s.device)
+        else:
+            correct = batch_correct(data)
+            if correct is None:
+                raise ValueError(f"kd_mask={cfg.kd_mask!r} needs the task reward (rm_scores or token_level_scores)")
+            seq_w = O.kd_sequence_mask(correct.to(s.device), None, cfg.kd_mask).to(s.device).float()
+        kd = R.applied_kd_coef(cfg, beta) * seq_w[:, None] * kd
+        metrics[f"kdrl/{cfg.kl_estimator}"] = _masked_mean(O.kl_estimator(s.detach(), t, cfg.kl_estimator), m)
+        metrics["kdrl/kd_mask_frac"] = _masked_mean(seq_w[:, None].expand_as(m), m)
+    if pg is not None:
+        weights = data.get("rollout_is_weights", None)
+        if weights is not None:
+            pg = pg * _dense(weights).float()
+        log_ratio, a = R.clip_inputs(s.detach(), t, old, adv, cfg, beta)
+        clipped = O.clip_mask(log_ratio, a, cfg.eps_low, cfg.eps_high, cfg.dual_clip).float()
+        metrics["kdrl/clip_frac"] = _masked_mean(clipped, m)
+        metrics["kdrl/ratio_max"] = float(torch.where(mask, log_ratio, -torch.inf).max().exp()) if mask.any() else 1.0
+    metrics["kdrl/teacher_log_ratio"] = _masked_mean((s - t).detach(), m)
+    return pg, kd, beta, metrics
 
 
 def kdrl_distillation_loss(config, distillation_config, model_output, data):
-    """verl ``DistillationLossFn`` for ``loss_mode=kdrl``: per-token ``beta(step) / coef * kd_mask * k`` ``(B, R)``."""
-    cfg = get_config()
-    if cfg.kl_estimator == "exact":
-        raise ValueError("kl_estimator='exact' needs the teacher's hidden states; verl provides its log-probs only")
+    """verl ``DistillationLossFn`` for ``loss_mode=kdrl``: the objective's KD term per token ``(B, R)``.
+
+    With ``use_task_rewards=True`` verl adds it (times ``distillation_loss_coef``, divided out here) to its own
+    GRPO policy loss, so the total is the objective's ``pg + coef(beta) * kd_mask * k``; without, it is the loss.
+    """
     loss_cfg = distillation_config.distillation_loss
-    expected = "kdrl" if loss_cfg.use_task_rewards else "kd"
-    if cfg.objective != expected:
-        raise ValueError(f"loss_mode={KDRL_LOSS} with use_task_rewards={loss_cfg.use_task_rewards} is "
-                         f"KDRLConfig(objective={expected!r}), got objective={cfg.objective!r}")
-    s, t, mask = _inputs(distillation_config, model_output, data, KDRL_LOSS)
-    step = _step(data)
-    if cfg.beta_schedule != "constant" and step is None:
-        raise ValueError(f"beta_schedule={cfg.beta_schedule!r} needs the batch's global_steps; none was found")
-    if loss_cfg.use_task_rewards:
-        coef = float(loss_cfg.distillation_loss_coef)
-        if coef <= 0:
-            raise ValueError("distillation_loss_coef must be > 0 with loss_mode=kdrl (the KD weight is beta)")
-        beta = O.beta_at(step, cfg.beta, cfg.beta_schedule, cfg.beta_min, cfg.beta_decay, cfg.total_steps)
-        weight = beta / coef
-    else:
-        beta, weight = 1.0, 1.0
-    kd = O.kl_estimator(s, t, cfg.kl_estimator)
-    seq_w = _sequence_kd_weight(cfg, data, s.shape[0], s.device)
-    losses = weight * seq_w[:, None] * kd
-    m = mask.float()
-    metrics = {"kdrl/beta": float(beta), f"kdrl/{cfg.kl_estimator}": _masked_mean(kd.detach(), m),
-               "kdrl/kd_mask_frac": _masked_mean(seq_w[:, None].expand_as(m), m)}
-    return losses, metrics
+    cfg = resolved_config(config, distillation_config, data)
+    s, t, mask = _inputs(model_output, data)
+    _, kd, _, metrics = _objective_terms(cfg, loss_cfg, data, s, t, mask)
+    weight = 1.0 / float(loss_cfg.distillation_loss_coef) if loss_cfg.use_task_rewards else 1.0
+    return weight * kd, metrics
 
 
-def trrd_distillation_loss(config, distillation_config, model_output, data):
-    """verl ``DistillationLossFn`` for ``loss_mode=kdrl_trrd``: TRRD's clipped surrogate per token ``(B, R)``."""
-    cfg = get_config()
-    if cfg.objective != "trrd":
-        raise ValueError(f"loss_mode={TRRD_LOSS} is KDRLConfig(objective='trrd'), got objective={cfg.objective!r}")
-    s, t, mask = _inputs(distillation_config, model_output, data, TRRD_LOSS)
-    if distillation_config.distillation_loss.use_task_rewards:
-        raise ValueError(f"loss_mode={TRRD_LOSS} replaces verl's policy loss: set "
-                         "distillation.distillation_loss.use_task_rewards=False (advantages still come from rewards)")
-    old = _dense(data["old_log_probs"]).float().detach()
-    adv = _dense(data["advantages"]).float()
-    clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
-    clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-    dual = config.get("clip_ratio_c", 3.0)
-    log_ratio = O.trrd_log_ratio(s, old, t, cfg.trrd_alpha, cfg.trrd_clamp)
-    losses = O.clipped_surrogate(log_ratio, adv, clip_low, clip_high, dual)
-    weights = data.get("rollout_is_weights", None)
-    if weights is not None:
-        losses = losses * _dense(weights).float()
-    m = mask.float()
-    clipped = O.clip_mask(log_ratio.detach(), adv, clip_low, clip_high, dual).float()
-    metrics = {"kdrl/trrd_clipfrac": _masked_mean(clipped, m),
-               "kdrl/teacher_log_ratio": _masked_mean((s - t).detach(), m)}
+def objective_distillation_loss(config, distillation_config, model_output, data):
+    """verl ``DistillationLossFn`` for ``loss_mode=kdrl_objective`` (and ``kdrl_trrd``): the whole registered
+    objective per token ``(B, R)``, replacing verl's policy loss; verl aggregates it with ``loss_agg_mode``."""
+    loss_cfg = distillation_config.distillation_loss
+    cfg = resolved_config(config, distillation_config, data)
+    s, t, mask = _inputs(model_output, data)
+    pg, kd, _, metrics = _objective_terms(cfg, loss_cfg, data, s, t, mask)
+    losses = torch.zeros_like(s)
+    if pg is not None:
+        losses = losses + pg
+    if kd is not None:
+        losses = losses + kd
     return losses, metrics
 
 
 def _register_losses():
     from verl.trainer.distillation import losses as L
 
-    for name, fn in ((KDRL_LOSS, kdrl_distillation_loss), (TRRD_LOSS, trrd_distillation_loss)):
+    for name, fn in ((KDRL_LOSS, kdrl_distillation_loss), (OBJECTIVE_LOSS, objective_distillation_loss),
+                     (TRRD_LOSS, objective_distillation_loss)):
         if L.DISTILLATION_LOSS_REGISTRY.get(name) is fn:
             continue
         if name in L.DISTILLATION_LOSS_REGISTRY:
@@ -270,8 +309,19 @@ def _register_losses():
         L.register_distillation_loss(L.DistillationLossSettings(names=[name], use_estimator=True))(fn)
 
 
+def _wrap_validate_config(original):
+    """verl's driver calls ``validate_config(config, ...)`` before Ray starts: check our settings there too."""
+    def validate_config(config, *args, **kwargs):
+        original(config, *args, **kwargs)
+        C.check_launch(config, get_config(), given_fields(), env_set=bool(os.environ.get(ENV_CONFIG, "").strip()))
+
+    validate_config._kdrl_original = original
+    return validate_config
+
+
 def install(config: Optional[KDRLConfig] = None, **config_fields: Any) -> None:
-    """Register the ``kdrl`` fused backend and the ``kdrl`` / ``kdrl_trrd`` distillation losses in verl."""
+    """Register the ``kdrl`` fused backend and the ``kdrl`` / ``kdrl_objective`` / ``kdrl_trrd`` distillation losses in
+    verl, and add our launch checks to verl's ``validate_config`` (the driver runs it before Ray starts)."""
     global _installed
     if config is not None or config_fields:
         set_config(config, **config_fields)
@@ -279,20 +329,29 @@ def install(config: Optional[KDRLConfig] = None, **config_fields: Any) -> None:
         return
     import verl.models.transformers.monkey_patch as mp
 
+    import verl.utils.config as vc
+
     if not hasattr(mp.patch_forward_with_backends, "_kdrl_original"):
         mp.patch_forward_with_backends = _wrap_patch_forward_with_backends(mp.patch_forward_with_backends)
+    if not hasattr(vc.validate_config, "_kdrl_original"):
+        vc.validate_config = _wrap_validate_config(vc.validate_config)
     _register_losses()
     _installed = True
 
 
 def uninstall() -> None:
-    """Undo the backend patch (the registered losses stay: verl's registry has no removal)."""
+    """Undo the backend and config-check patches (the registered losses stay: verl's registry has no removal)."""
     global _installed
     import verl.models.transformers.monkey_patch as mp
+
+    import verl.utils.config as vc
 
     original = getattr(mp.patch_forward_with_backends, "_kdrl_original", None)
     if original is not None:
         mp.patch_forward_with_backends = original
+    original = getattr(vc.validate_config, "_kdrl_original", None)
+    if original is not None:
+        vc.validate_config = original
     _installed = False
 
 
