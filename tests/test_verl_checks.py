@@ -77,6 +77,7 @@ def test_readme_example_b_passes_the_driver_check(monkeypatch):
     ({"objective": "trrd", "eps_high": 0.28}, [], "eps_high=0.28 disagrees"),
     ({"objective": "trrd", "dual_clip": None}, [], "dual_clip=None disagrees with verl's setting \\(3.0\\)"),
     ({"objective": "trrd", "temperature": 0.7}, [], "temperature=0.7 disagrees"),
+    ({"objective": "trrd"}, ["actor_rollout_ref.rollout.temperature=0.7"], "teacher server scores at temperature 1"),
     ({"objective": "trrd", "aggregation": "seq_mean"}, [], "aggregation='seq_mean' disagrees"),
     # settings of the policy loss TRRD replaces
     ({"objective": "trrd"}, ["actor_rollout_ref.actor.entropy_coeff=0.01"], "entropy_coeff=0.01"),
@@ -129,9 +130,9 @@ def test_resolved_config_takes_verl_values():
              "loss_agg_mode": "seq-mean-token-mean", "policy_loss": {"loss_mode": "vanilla"}}
     loss_cfg = {"use_task_rewards": False, "use_policy_gradient": False, "loss_max_clamp": None}
     cfg = C.resolve(KDRLConfig(objective="trrd"), set(), loss_mode=C.OBJECTIVE_LOSS, loss_cfg=loss_cfg,
-                    actor=actor, temperature=0.6)
+                    actor=actor, temperature=1.0)
     assert (cfg.eps_low, cfg.eps_high, cfg.dual_clip, cfg.temperature, cfg.aggregation) == \
-        (0.1, 0.3, 2.5, 0.6, "seq_mean")
+        (0.1, 0.3, 2.5, 1.0, "seq_mean")
 
 
 def _with_steps(steps):

@@ -11,7 +11,8 @@ Rules (kdrl/README.md lists them for users):
 - verl owns the clip range, the dual clip, the temperature and the aggregation: ``eps_low``/``eps_high`` are
   ``clip_ratio_low``/``clip_ratio_high`` (``clip_ratio`` when unset), ``dual_clip`` is ``clip_ratio_c`` (verl's
   vanilla policy loss always dual-clips), ``temperature`` is the rollout temperature (the log-probs verl hands the
-  loss are already at it) and ``aggregation`` is ``loss_agg_mode``. Giving one of these in the KDRL config with
+  loss are already at it; it must be 1 for an objective that reads the teacher: verl's teacher server always scores
+  at temperature 1) and ``aggregation`` is ``loss_agg_mode``. Giving one of these in the KDRL config with
   another value is refused; not giving it takes verl's.
 - KDRL config fields that have no effect under verl (verl computes advantages, entropies and log-probs itself) are
   refused when given with a non-default value; ``kl_estimator=exact`` and ``log_exact_kl`` (need teacher hidden
@@ -153,6 +154,11 @@ def resolve(config: KDRLConfig, given: Iterable[str], *, loss_mode: str, loss_cf
         if trainer_mode not in (None, "sync"):
             problems.append(f"beta_schedule={config.beta_schedule!r} with trainer.v1.trainer_mode={trainer_mode!r}: "
                             "the step a sample carries is its rollout's, not the update's; use trainer_mode=sync")
+    if temperature is not None and float(temperature) != 1.0 and obj.needs_teacher:
+        problems.append(f"rollout temperature {temperature:g}: verl's teacher server scores at temperature 1 "
+                        "(verl/experimental/teacher_loop/teacher_manager.py, _get_teacher_sampling_params) while the "
+                        f"student's log-probs are at {temperature:g}; objective={config.objective!r} compares them: "
+                        "use rollout temperature 1")
     verl = verl_values(actor, temperature)
     for name, value in verl.items():
         if name in given and getattr(config, name) != value:
