@@ -22,7 +22,6 @@ import os
 import tempfile
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 from tensordict import TensorDict
 from tensordict.tensorclass import NonTensorData, NonTensorStack
@@ -247,4 +246,4 @@ def install_fake_tq():
 
 
 __all__ = ["FakeTQ", "launch_config", "rollout_fields", "update_actor", "compute_advantage", "install_fake_tq",
-           "np"]
+           "cpu_device"]

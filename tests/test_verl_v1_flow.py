@@ -9,7 +9,6 @@ functions or registry).
 
 Needs verl's environment (``bash scripts/setup_verl.sh``); skipped elsewhere. No test starts Ray.
 """
-import os
 import sys
 from functools import partial
 from pathlib import Path

@@ -231,7 +231,7 @@ def resolved_config(config, distillation_config, data) -> KDRLConfig:
                      loss_cfg=distillation_config.distillation_loss, actor=config, temperature=_temperature(data))
 
 
-def _objective_terms(cfg, loss_cfg, data, s, t, mask):
+def _objective_terms(cfg, data, s, t, mask):
     """Per-token ``(pg, kd_weighted, beta, metrics)``: the objective's terms as KDRLLoss forms them."""
     step = batch_step(data)
     if cfg.beta_schedule != "constant" and step is None:
@@ -277,7 +277,7 @@ def kdrl_distillation_loss(config, distillation_config, model_output, data):
     loss_cfg = distillation_config.distillation_loss
     cfg = resolved_config(config, distillation_config, data)
     s, t, mask = _inputs(model_output, data)
-    _, kd, _, metrics = _objective_terms(cfg, loss_cfg, data, s, t, mask)
+    _, kd, _, metrics = _objective_terms(cfg, data, s, t, mask)
     weight = 1.0 / float(loss_cfg.distillation_loss_coef) if loss_cfg.use_task_rewards else 1.0
     return weight * kd, metrics
 
@@ -285,10 +285,9 @@ def kdrl_distillation_loss(config, distillation_config, model_output, data):
 def objective_distillation_loss(config, distillation_config, model_output, data):
     """verl ``DistillationLossFn`` for ``loss_mode=kdrl_objective`` (and ``kdrl_trrd``): the whole registered
     objective per token ``(B, R)``, replacing verl's policy loss; verl aggregates it with ``loss_agg_mode``."""
-    loss_cfg = distillation_config.distillation_loss
     cfg = resolved_config(config, distillation_config, data)
     s, t, mask = _inputs(model_output, data)
-    pg, kd, _, metrics = _objective_terms(cfg, loss_cfg, data, s, t, mask)
+    pg, kd, _, metrics = _objective_terms(cfg, data, s, t, mask)
     losses = torch.zeros_like(s)
     if pg is not None:
         losses = losses + pg
