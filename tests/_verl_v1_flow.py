@@ -238,12 +238,16 @@ def compute_advantage(config, fake_tq, meta):
     return PPOTrainer._compute_advantage(trainer, meta, metrics)
 
 
-def install_fake_tq():
-    fake = FakeTQ()
-    trainer_base.tq = fake
-    agent_loop_tq.tq = fake
-    return fake
+@contextlib.contextmanager
+def fake_tq():
+    """An in-memory TransferQueue in place of the real one in verl's trainer and agent loop, for a ``with`` block."""
+    fake, saved = FakeTQ(), (trainer_base.tq, agent_loop_tq.tq)
+    trainer_base.tq = agent_loop_tq.tq = fake
+    try:
+        yield fake
+    finally:
+        trainer_base.tq, agent_loop_tq.tq = saved
 
 
-__all__ = ["FakeTQ", "launch_config", "rollout_fields", "update_actor", "compute_advantage", "install_fake_tq",
+__all__ = ["FakeTQ", "launch_config", "rollout_fields", "update_actor", "compute_advantage", "fake_tq",
            "cpu_device"]

@@ -79,9 +79,13 @@ def _sequence_logprobs(model, ids):
 
 def run_flow(fields, loss_mode, task_rewards, backend="kdrl", extra=(), old_shift=None):
     """One actor update of verl's v1 flow with our loss; returns what the test needs to check it."""
+    with F.fake_tq() as fake:
+        return _run_flow(fake, fields, loss_mode, task_rewards, backend, extra, old_shift)
+
+
+def _run_flow(fake, fields, loss_mode, task_rewards, backend, extra, old_shift):
     vi.set_config(**fields)
     config = F.launch_config(_overrides(loss_mode, task_rewards, *extra))
-    fake = F.install_fake_tq()
     prompts = [PROMPTS[i // N] for i in range(N_PROMPTS * N)]
     teacher = _llama(seed=1)
     t_full = []
