@@ -9,6 +9,7 @@ functions or registry).
 
 Needs verl's environment (``bash scripts/setup_verl.sh``); skipped elsewhere. No test starts Ray.
 """
+import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -41,7 +42,7 @@ import _verl_v1_flow as F  # noqa: E402
 V, D = 96, 32
 N_PROMPTS, N = 3, 2  # GRPO groups of 2; 6 responses in one mini-batch, 3 micro-batches of 2
 PROMPTS = [[3, 14, 15, 9], [26, 5], [35, 8, 9, 7, 9]]
-RESPONSES = [[32, 38, 46], [26, 43, 38, 32, 7], [95, 2, 8, 8], [41, 97 % V], [16, 9, 39, 9, 37, 51], [5, 82, 9]]
+RESPONSES = [[32, 38, 46], [26, 43, 38, 32, 7], [95, 2, 8, 8], [41, 77], [16, 9, 39, 9, 37, 51], [5, 82, 9]]
 REWARDS = [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # the third group is all wrong: advantages 0 there
 STEP = 5  # verl's global_steps (counted from 1): the schedule's step 4
 
@@ -77,14 +78,19 @@ def _sequence_logprobs(model, ids):
     return logits.log_softmax(-1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
-def run_flow(fields, loss_mode, task_rewards, backend="kdrl", extra=(), old_shift=None):
-    """One actor update of verl's v1 flow with our loss; returns what the test needs to check it."""
+def run_flow(fields, loss_mode, task_rewards, backend="kdrl", extra=(), old_shift=None, monkeypatch=None):
+    """One actor update of verl's v1 flow with our loss; returns what the test needs to check it. With
+    ``monkeypatch`` the KDRL config reaches the loss as on Ray workers, as JSON in $KDRL_VERL_CONFIG."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(vi, "_config", None)
+        monkeypatch.setenv(vi.ENV_CONFIG, json.dumps(fields))
+    else:
+        vi.set_config(**fields)
     with F.fake_tq() as fake:
-        return _run_flow(fake, fields, loss_mode, task_rewards, backend, extra, old_shift)
+        return _run_flow(fake, loss_mode, task_rewards, backend, extra, old_shift)
 
 
-def _run_flow(fake, fields, loss_mode, task_rewards, backend, extra, old_shift):
-    vi.set_config(**fields)
+def _run_flow(fake, loss_mode, task_rewards, backend, extra, old_shift):
     config = F.launch_config(_overrides(loss_mode, task_rewards, *extra))
     prompts = [PROMPTS[i // N] for i in range(N_PROMPTS * N)]
     teacher = _llama(seed=1)
@@ -173,11 +179,12 @@ def check(run, ref_loss, ref_grad):
     assert run["grad_w"].abs().max() > 1e-3
 
 
-def test_readme_example_b_kdrl_linear_beta_incorrect_mask():
-    """README launch (b): loss_mode=kdrl, use_task_rewards=True, linear beta, kd_mask=incorrect. The step comes from
-    the per-sample global_steps the v1 trainer stores, correctness from rm_scores."""
+def test_readme_example_b_kdrl_linear_beta_incorrect_mask(monkeypatch):
+    """README launch (b): loss_mode=kdrl, use_task_rewards=True, linear beta, kd_mask=incorrect, the config as JSON in
+    $KDRL_VERL_CONFIG. The step comes from the per-sample global_steps the v1 trainer stores, correctness from
+    rm_scores. (beta and its decay are larger than the README's so that the KD term shows in the loss.)"""
     fields = {"beta": 5e-2, "beta_schedule": "linear", "beta_decay": 5e-3, "beta_min": 1e-3, "kd_mask": "incorrect"}
-    run = run_flow(fields, "kdrl", True)
+    run = run_flow(fields, "kdrl", True, monkeypatch=monkeypatch)
     beta = max(5e-2 - 5e-3 * (STEP - 1), 1e-3)  # KDRL's annealing at schedule step 4 (verl's step 5)
     assert run["metrics"]["actor/kdrl/beta"] == pytest.approx(beta)
 
