@@ -16,8 +16,9 @@ Precision policy (the backend contract: logits are never rounded to a low-precis
 
 Which CPU method (measured, 2-core Xeon with AMX, torch 2.13.0+cpu, 2 threads, other jobs running: logits of a
 (165 x 896) chunk against V = 151,936): single 0.44-0.58x the compensated pair's time, on (128 x 960) x 49,152
-0.30-0.43x. On a 2-core AMD EPYC (avx512_bf16, no AMX) the flag's GEMM took 0.82 s where one bf16 GEMM took 0.43 s,
-i.e. no faster than the pair, so CPUs without AMX keep the compensated pair. ``KDRL_KERNELS_BF16_GEMM=single`` or
+0.30-0.43x. On a 2-core AMD EPYC (avx512_bf16, no AMX) the flag's GEMM on a whole fp32 weight took 0.82 s where one
+bf16 GEMM took 0.43 s ((512 x 896) x 151,936), about the pair's two GEMMs before the block upcast added here; not
+timed there with this code, so CPUs without AMX keep the compensated pair. ``KDRL_KERNELS_BF16_GEMM=single`` or
 ``=compensated`` overrides the choice.
 The gradient matmuls of every bf16 method take ``dz`` rounded to bf16, as bf16 autograd and the Triton kernels do;
 ``dW`` is summed over chunks by the GEMM into the bf16 gradient, folded into fp32 every few chunks
