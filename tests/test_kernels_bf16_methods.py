@@ -153,3 +153,38 @@ def test_method_choice(monkeypatch):
     monkeypatch.setenv(heads.BF16_GEMM_ENV, "fast")
     with pytest.raises(ValueError, match="KDRL_KERNELS_BF16_GEMM must be one of"):
         heads.head_method(bf16)
+
+
+def test_out_dtype_method_logic_on_cpu(monkeypatch):
+    """The CUDA method (one bf16 GEMM with an fp32 output, ``torch.mm(..., out_dtype=torch.float32)``) cannot run
+    here: CPU torch has no kernel for it. Its logic around the GEMM (bias, temperature, the bf16 gradient matmuls
+    shared with the CPU methods) runs with that one call emulated exactly (fp32 products of bf16 values)."""
+    real_mm = torch.mm
+    calls = []
+
+    def mm(a, b, *args, out_dtype=None, **kwargs):
+        if out_dtype is None:
+            return real_mm(a, b, *args, **kwargs)
+        assert a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32
+        calls.append(a.shape)
+        exact = real_mm(a.double(), b.double()).float()   # fp32 accumulation would differ by ~1e-7 relative
+        return kwargs["out"].copy_(exact) if "out" in kwargs else exact
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(heads, "head_method", lambda w: "out_dtype" if w.dtype == torch.bfloat16 else "fp32")
+    hidden, weight, targets = make(19, 32, 300, seed=9)
+    bias = torch.randn(300, generator=torch.Generator().manual_seed(10)).requires_grad_()
+    logp, ent = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=0.7, return_entropy=True,
+                                      chunk_size=6)
+    assert calls, "the out_dtype GEMM was not used"
+    gt = reference_logprobs(hidden, weight, targets, bias, 0.7)
+    fp32 = reference_logprobs(hidden, weight, targets, bias, 0.7, dtype=torch.float32)
+    for name, o, g_, f in zip(("logp", "entropy"), (logp, ent), gt, fp32):
+        assert_close_to_gt(o, g_, f, TOL * max(1.0, float(g_.detach().abs().max())), name)
+    inputs = (hidden, weight, bias)
+    ours = torch.autograd.grad((logp + ent).sum(), inputs)
+    ref = torch.autograd.grad((gt[0] + gt[1]).sum(), inputs)
+    low = reference_logprobs(hidden, weight, targets, bias, 0.7, dtype=None)
+    lowg = torch.autograd.grad((low[0].float() + low[1].float()).sum(), inputs)
+    for name, o, r, l_ in zip(("grad_hidden", "grad_weight", "grad_bias"), ours, ref, lowg):
+        assert_close_to_gt(o, r, l_, bf16_grad_tol(r), name)
