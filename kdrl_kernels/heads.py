@@ -2,24 +2,24 @@
 
 Precision policy (the backend contract: logits are never rounded to a low-precision dtype). A head's ``method``:
 - ``"fp32"``: fp32 and fp16 weights: an fp32 copy of the weight and fp32 matmuls.
-- ``"single"`` (bf16 weights on CPUs with AMX): **one GEMM with an fp32 output**. oneDNN runs an fp32 matmul with
-  bf16 inputs and fp32 accumulation when ``torch.backends.mkldnn.matmul.fp32_precision == "bf16"``; on bf16 values
-  upcast to fp32 (exact) that is the bf16 x bf16 -> fp32 GEMM CPU torch otherwise lacks. The weight is upcast one
-  vocabulary block at a time into the chunk's scratch buffer (no fp32 copy of the weight exists). Logit error
-  against float64: fp32-GEMM class (4.6e-6 measured where fp32 gives 5.8e-6). The flag is process-global: see
-  :func:`_bf16_fpmath` for how it is set and restored.
-- ``"compensated"`` (bf16 weights on other CPUs): CPU torch's bf16 GEMM accumulates in fp32 before rounding, and
-  ``addmm(C, h, W.T, beta=-1)`` rounds ``h W^T - C`` from that accumulator. So ``hi = round(h W^T)`` and
-  ``lo = round(h W^T - hi)`` are two bf16 GEMMs whose sum carries about 16 mantissa bits; the target column is then
-  recomputed exactly (an fp32 dot per row). Log-prob error at V = 151,936, T = 0.7: at most ~2e-5.
+- ``"single"`` (bf16 weights of at most :data:`SINGLE_MAX_WEIGHT_BYTES` on CPUs with AMX): **one GEMM with an fp32
+  output**. oneDNN runs an fp32 matmul with bf16 inputs and fp32 accumulation when
+  ``torch.backends.mkldnn.matmul.fp32_precision == "bf16"``; on bf16 values upcast to fp32 (exact) that is the
+  bf16 x bf16 -> fp32 GEMM CPU torch otherwise lacks. The weight is upcast one vocabulary block at a time into the
+  chunk's scratch buffer (no fp32 copy of the weight exists). Logit error against float64: fp32-GEMM class (4.6e-6
+  measured where fp32 gives 5.8e-6). The flag is process-global: see :func:`_bf16_fpmath`.
+- ``"compensated"`` (larger bf16 weights, and CPUs without AMX): CPU torch's bf16 GEMM accumulates in fp32 before
+  rounding, and ``addmm(C, h, W.T, beta=-1)`` rounds ``h W^T - C`` from that accumulator. So ``hi = round(h W^T)``
+  and ``lo = round(h W^T - hi)`` are two bf16 GEMMs whose sum carries about 16 mantissa bits; the target column is
+  then recomputed exactly (an fp32 dot per row). Log-prob error at V = 151,936, T = 0.7: at most ~2e-5.
 - ``"out_dtype"`` (bf16 weights on CUDA, torch with ``mm(..., out_dtype=)``): one bf16 GEMM with an fp32 output.
 
-Which CPU method (measured, 2-core Xeon with AMX, torch 2.13.0+cpu, 2 threads, other jobs running: logits of a
-(165 x 896) chunk against V = 151,936): single 0.44-0.58x the compensated pair's time, on (128 x 960) x 49,152
-0.30-0.43x. On a 2-core AMD EPYC (avx512_bf16, no AMX) the flag's GEMM on a whole fp32 weight took 0.82 s where one
-bf16 GEMM took 0.43 s ((512 x 896) x 151,936), about the pair's two GEMMs before the block upcast added here; not
-timed there with this code, so CPUs without AMX keep the compensated pair. ``KDRL_KERNELS_BF16_GEMM=single`` or
-``=compensated`` overrides the choice.
+The rule, measured on a 2-core Xeon with AMX (torch 2.13.0+cpu, 2 threads). Paired bench steps in one process
+(``scripts/bf16_method_ab.py``), single / compensated, quiet machine: SmolLM2 KDRL 0.90x, GRPO 0.87x, exact KL 0.91x,
+Qwen KDRL 1.17x; beside other low-priority jobs 0.64-0.87x and 0.83x. On a 2-core AMD EPYC (avx512_bf16, no AMX) the
+flag's GEMM on a whole fp32 weight took 0.82 s where one bf16 GEMM took 0.43 s ((512 x 896) x 151,936), about the
+pair's two GEMMs before the upcast added here; not timed there with this code, so CPUs without AMX keep the pair.
+``KDRL_KERNELS_BF16_GEMM=single|compensated|auto`` overrides the rule.
 The gradient matmuls of every bf16 method take ``dz`` rounded to bf16, as bf16 autograd and the Triton kernels do;
 ``dW`` is summed over chunks by the GEMM into the bf16 gradient, folded into fp32 every few chunks
 (``chunked._Accumulator``).
@@ -33,11 +33,16 @@ import threading
 
 import torch
 
-__all__ = ["Head", "add_bf16_", "bf16_gemms", "head_method", "BF16_GEMM_ENV", "BF16_CPU_METHODS"]
+__all__ = ["Head", "add_bf16_", "bf16_gemms", "head_method", "BF16_GEMM_ENV", "BF16_CPU_METHODS",
+           "SINGLE_MAX_WEIGHT_BYTES"]
 
 _ADD_ROWS = 8     # rows per fp32 staging slab of add_bf16_
 BF16_GEMM_ENV = "KDRL_KERNELS_BF16_GEMM"
 BF16_CPU_METHODS = ("auto", "single", "compensated")
+# The single GEMM upcasts the whole weight once per chunk. Measured on the AMX Xeon (paired bench steps, quiet): with
+# SmolLM2 heads (57 and 94 MB in bf16) it beat the pair (0.87-0.91x its step time); with Qwen2.5 0.5B/1.5B heads (272
+# and 467 MB, beyond the caches) it lost (1.17x): there the extra pass over the weight costs more than the second GEMM.
+SINGLE_MAX_WEIGHT_BYTES = 128 * 2**20
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +80,8 @@ def head_method(weight) -> str:
     if choice not in BF16_CPU_METHODS:
         raise ValueError(f"{BF16_GEMM_ENV} must be one of {BF16_CPU_METHODS}, got {choice!r}")
     if choice == "auto":
-        choice = "single" if _has_amx() else "compensated"
+        small = weight.numel() * weight.element_size() <= SINGLE_MAX_WEIGHT_BYTES
+        choice = "single" if _has_amx() and small else "compensated"
     if choice == "single" and not single_gemm_available():
         return "compensated"
     return choice

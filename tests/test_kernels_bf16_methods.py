@@ -149,7 +149,11 @@ def test_method_choice(monkeypatch):
     assert heads.head_method(bf16) == "compensated"
     monkeypatch.setenv(heads.BF16_GEMM_ENV, "auto")
     expect = "single" if heads._has_amx() and heads.single_gemm_available() else "compensated"
-    assert heads.head_method(bf16) == expect    # the README's rule: AMX -> single, otherwise the pair
+    assert heads.head_method(bf16) == expect    # the README's rule: AMX and a weight <= 128 MiB -> single
+    big = torch.empty(65536, 1025, dtype=torch.bfloat16)   # 134.3 MB > 128 MiB (never touched: no memory used)
+    assert heads.head_method(big) == "compensated"
+    monkeypatch.setenv(heads.BF16_GEMM_ENV, "single")
+    assert heads.head_method(big) == ("single" if heads.single_gemm_available() else "compensated")
     monkeypatch.setenv(heads.BF16_GEMM_ENV, "fast")
     with pytest.raises(ValueError, match="KDRL_KERNELS_BF16_GEMM must be one of"):
         heads.head_method(bf16)
