@@ -60,10 +60,13 @@ def _has_amx() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _cuda_out_dtype() -> bool:
-    """``torch.mm(a, b, out_dtype=torch.float32)`` exists for bf16 CUDA tensors (checked once, on the GPU)."""
+    """``torch.mm(a, b, out_dtype=torch.float32, out=c)``, the form :meth:`Head.logits` uses, works for bf16 CUDA
+    tensors (checked once, on the GPU; torch 2.13 has ``aten::mm.dtype_out``)."""
     try:
         a = torch.ones(2, 2, dtype=torch.bfloat16, device="cuda")
-        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        c = torch.empty(2, 2, dtype=torch.float32, device="cuda")
+        torch.mm(a, a, out_dtype=torch.float32, out=c)
+        return bool((c == 2).all())
     except (RuntimeError, TypeError, NotImplementedError):
         return False
 
