@@ -1,7 +1,13 @@
-"""Backend selection: Triton for CUDA tensors, the chunked PyTorch path elsewhere.
+"""Backend selection: Triton for CUDA tensors, the chunked PyTorch path elsewhere; and autocast handling.
 
 An explicit ``backend=`` argument wins, then the environment variable ``KDRL_KERNELS_BACKEND``, then the device
 of the inputs. Triton is imported lazily, so ``import kdrl_kernels`` works without it.
+
+Autocast: inside ``torch.autocast(device, dtype)`` our ops treat their matmul operands as ``nn.Linear`` does there:
+hidden states and lm_head weights are cast to the autocast dtype (a differentiable cast, so an fp32 parameter gets
+an fp32 gradient), then the kernels run with autocast off, because they pick their own precision per op (fp32
+softmax, bf16 GEMMs with fp32 outputs) and autocast would recast those ops. Biases are not cast: they are added to
+the fp32 logits. Outside autocast, mixed dtypes stay an error (``validation.check_same_dtype``).
 """
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ import functools
 import importlib.util
 import os
 from types import SimpleNamespace
+
+import torch
 
 ENV_VAR = "KDRL_KERNELS_BACKEND"
 BACKENDS = ("auto", "torch", "triton")
@@ -42,6 +50,31 @@ def resolve_backend(backend, device) -> str:
             raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}; "
                              "use backend='torch' on CPU (or set TRITON_INTERPRET=1 to run kernels for testing)")
     return backend
+
+
+_CASTABLE = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone, as it does for nn.Linear
+
+
+def autocast_dtype(device):
+    """The dtype an enclosing ``torch.autocast`` gives matmuls on ``device`` (a torch.device), or None outside one."""
+    try:
+        enabled = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(device.type) if enabled else None
+
+
+def autocast_inputs(device, *tensors):
+    """``tensors`` (None allowed) cast to the autocast dtype of ``device`` when an autocast region is active."""
+    dtype = autocast_dtype(device)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.dtype in _CASTABLE else t for t in tensors)
+
+
+def no_autocast(device):
+    """A context in which autocast is off for ``device``'s type (our kernels choose each op's precision)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def _drop(fn, *names):

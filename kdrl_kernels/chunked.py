@@ -10,8 +10,9 @@ faults the next time), and every elementwise step runs in place or with ``out=``
 passes over its buffers besides the matmuls.
 
 Precision: logits are always normalised in fp32 and never rounded to a low-precision dtype. Each lm_head is a
-:class:`~kdrl_kernels.heads.Head`: fp32 matmuls for fp32/fp16 weights, and for bf16 weights two compensated bf16
-GEMMs (about 16 mantissa bits) plus an exact target logit, at bf16 matmul speed. The gradient matmuls take dz in
+:class:`~kdrl_kernels.heads.Head`: fp32 matmuls for fp32/fp16 weights; for bf16 weights one GEMM with bf16 inputs
+and an fp32 output (oneDNN's bf16 fpmath mode, on CPUs with AMX) or two compensated bf16 GEMMs (about 16 mantissa
+bits) plus an exact target logit elsewhere. The gradient matmuls take dz in
 bf16 for bf16 weights (as bf16 autograd does); dW is accumulated across chunks in fp32, or for bf16 weights
 by the GEMMs themselves into the bf16 gradient with an fp32 fold every few chunks (:class:`_Accumulator`).
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .heads import Head, add_bf16_, compensated
+from .heads import Head, add_bf16_, bf16_gemms
 
 
 def _warm_vector_math():
@@ -150,7 +151,7 @@ def grad_buffers(hidden, weight, bias, needs):
 class _Accumulator:
     """dW ``(V, d)`` summed over chunks by GEMMs that add into it; the first chunk writes instead (no zero fill).
 
-    fp32 and fp16 weights: an fp32 matrix, fp32 products. bf16 weights on CPU (the compensated heads): the bf16
+    fp32 and fp16 weights: an fp32 matrix, fp32 products. bf16 weights (every bf16 head method): the bf16
     gradient itself. ``addmm_`` adds each chunk's ``dz^T h`` to it inside the GEMM's fp32 accumulator and rounds
     once, so a chunk costs one pass over dW instead of a bf16 product, a conversion and a read-modify-write of an
     fp32 copy (1.6 GB of traffic per chunk at Qwen shapes), and no fp32 copy of dW exists. Rounding once per chunk
@@ -160,7 +161,7 @@ class _Accumulator:
     FOLD = 8
 
     def __init__(self, weight):
-        self.low = compensated(weight)
+        self.low = bf16_gemms(weight)
         dtype = weight.dtype if self.low else torch.float32
         self.value = torch.empty(weight.shape, dtype=dtype, device=weight.device)
         self.master = None

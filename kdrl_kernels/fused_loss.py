@@ -10,11 +10,12 @@ the stored gradients, which is valid because the loss is terminal (a scalar the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 
+from .backend import autocast_inputs, no_autocast
 from .chunked import Workspace, default_chunk_size, finish_grads, grad_buffers, log_softmax_, rowdot
 from .heads import Head
 
@@ -118,8 +119,18 @@ class FusedPolicyLoss(torch.autograd.Function):
     """forward(hidden ``(N, d)``, weight ``(V, d)``, bias, targets ``(N,)``, teacher, params) -> (loss, stats).
 
     All rows are valid (the caller drops masked tokens before calling). ``stats`` is ``(4, N)`` float32 with the rows
-    of :data:`STAT_ROWS` (zeros where not computed), not differentiable.
+    of :data:`STAT_ROWS` (zeros where not computed), not differentiable. Inside an autocast region the hidden states
+    and weights (student and teacher) are cast to its dtype first, as ``nn.Linear``'s are (``backend.autocast_inputs``).
     """
+
+    @classmethod
+    def apply(cls, hidden, weight, bias, targets, teacher: TeacherInputs, params: FusedLossParams):
+        device = hidden.device
+        hidden, weight, t_hidden, t_weight = autocast_inputs(device, hidden, weight, teacher.hidden, teacher.weight)
+        if t_hidden is not teacher.hidden or t_weight is not teacher.weight:
+            teacher = replace(teacher, hidden=t_hidden, weight=t_weight)
+        with no_autocast(device):
+            return super().apply(hidden, weight, bias, targets, teacher, params)
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, teacher: TeacherInputs, params: FusedLossParams):

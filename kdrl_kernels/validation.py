@@ -6,6 +6,8 @@ import numbers
 
 import torch
 
+from .backend import autocast_dtype
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32)
 # log-probs may round a little above 0 (fp32 logsumexp of a near-certain token); more than this is not a log-prob
@@ -37,8 +39,10 @@ def check_matrix(name, x, rows=None, cols=None, min_rows=0):
 
 
 def check_same_dtype(a_name, a, b_name, b):
-    """Hidden states and the weight they multiply must share a dtype (no silent mixed-precision matmul)."""
-    if a.dtype != b.dtype:
+    """Hidden states and the weight they multiply must share a dtype (no silent mixed-precision matmul), except inside
+    an autocast region, where both are cast to its dtype as ``nn.Linear``'s operands are (``backend.autocast_inputs``).
+    """
+    if a.dtype != b.dtype and autocast_dtype(a.device) is None:
         raise TypeError(f"{a_name} and {b_name} must have the same dtype, got {a_name} {a.dtype} and "
                         f"{b_name} {b.dtype} (cast one of them explicitly)")
 
