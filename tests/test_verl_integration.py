@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-SETUP = ("verl is not installed here: create its environment with `bash scripts/setup_verl.sh`, then run "
-         "`.venv-verl/bin/python -m pytest tests/test_verl_integration.py`")
-try:
-    import verl
-except ImportError:
-    pytest.skip(SETUP, allow_module_level=True)
-if verl.__version__ != "0.9.1":
-    pytest.skip(f"checked against verl 0.9.1, found {verl.__version__}; {SETUP}", allow_module_level=True)
+from _verl_env import require_verl  # noqa: E402
+
+require_verl("test_verl_integration.py")
 
 from tensordict import TensorDict  # noqa: E402
 from verl.trainer.distillation.losses import distillation_ppo_loss  # noqa: E402
