@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kdrl.trainer.checkpoint import checkpoint_bytes, commit_checkpoint, load_checkpoint, write_checkpoint
-from kdrl.trainer.config import ConfigError, TrainConfig, loss_config, validate
+from kdrl.trainer.config import ConfigError, TrainConfig, validate
 from kdrl.trainer.logging import MetricsLogger, Progress, SampleLog
 from kdrl.trainer.resume import config_changes
 from kdrl.trainer.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
@@ -69,7 +69,7 @@ class Trainer:
         self.cfg = cfg
         self.say = say = Progress(cfg.run.progress, start=started)
         self.output_dir = Path(cfg.run.output_dir)
-        self.loss_fn = KDRLLoss(loss_config(cfg))
+        self.loss_fn = KDRLLoss(cfg.loss)  # validate() made the loss section the run's KDRLConfig
         lc = self.loss_fn.config
         say(f"config ok: {registry.describe(lc)}; {cfg.rollout.prompts_per_step} prompts x "
             f"{cfg.rollout.group_size} samples x <= {cfg.rollout.max_new_tokens} tokens per step, "
@@ -94,9 +94,9 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
-        if lc.objective == "grpo" and cfg.model.teacher:
-            print(f"kdrl.train: loss.objective=grpo has no KD term: model.teacher={cfg.model.teacher!r} is not "
-                  "loaded", file=sys.stderr)
+        if registry.teacher_input(lc) == "none" and cfg.model.teacher:
+            print(f"kdrl.train: loss.objective={lc.objective} reads no teacher: model.teacher={cfg.model.teacher!r} "
+                  "is not loaded", file=sys.stderr)
         dtype = getattr(torch, cfg.model.dtype)
         say(f"loading the student {cfg.model.student} ({cfg.model.dtype}) ...")
         t0 = time.perf_counter()
