@@ -234,7 +234,7 @@ def _token_advantages(cfg, mask, advantages, rewards, group_ids):
     b, t = mask.shape
     if advantages is None:
         if rewards is None or group_ids is None:
-            if cfg.objective == "kd":
+            if R.get_objective(cfg.objective).log_ratio is None:  # no policy-gradient term (kd): none needed
                 return torch.zeros(b, t, device=mask.device)
             raise ValueError("pass advantages (B,) or (B, T), or rewards (B,) with group_ids (B,)")
         V.check_vector("rewards", rewards, b)

@@ -375,7 +375,7 @@ def _validate_teacher_backend(cfg: TrainConfig, lc) -> None:
         raise ValueError(f"model.teacher_backend must be hf or vllm, got {backend!r}")
     if backend == "hf" or not lc.needs_teacher:
         return
-    if lc.kl_estimator == "exact" and lc.objective in ("kd", "kdrl"):
+    if lc.kl_in_loss:
         raise ValueError("model.teacher_backend=vllm gives the teacher's log-probs of the sampled tokens only: "
                          "loss.kl_estimator=exact needs its full distribution; use k1, k2 or k3, or teacher_backend=hf")
     if lc.log_exact_kl:
