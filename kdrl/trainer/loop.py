@@ -21,8 +21,7 @@ from kdrl.trainer.config import ConfigError, TrainConfig, validate
 from kdrl.trainer.logging import MetricsLogger, Progress, SampleLog
 from kdrl.trainer.resume import config_changes
 from kdrl.trainer.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
-from kdrl.runlock import RunLockError
-from kdrl.trainer.rundir import open_run_dir
+from kdrl.trainer.rundir import hold, open_run_dir
 from kdrl.trainer.step import (MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole,
                                optimizer_step)
 from kdrl_kernels import KDRLLoss, registry, teacher_head
@@ -405,10 +404,7 @@ class Trainer:
     def run(self) -> list[dict]:
         """Train from the current step to ``run.steps``; returns the metrics of the steps run here."""
         run, say = self.cfg.run, self.say
-        try:
-            self._lock.acquire()
-        except RunLockError as err:
-            raise ConfigError(f"run.output_dir: {err}") from None
+        hold(self._lock)
         try:
             return self._run(run, say)
         finally:

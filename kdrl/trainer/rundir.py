@@ -18,7 +18,7 @@ from kdrl.runlock import LOCK_NAME, RunLock, RunLockError
 from kdrl.trainer.checkpoint import list_checkpoints, newest_intact_checkpoint, remove_partial_checkpoints
 from kdrl.trainer.config import ConfigError
 
-__all__ = ["RUN_OUTPUTS", "run_contents", "move_aside", "open_run_dir"]
+__all__ = ["RUN_OUTPUTS", "run_contents", "move_aside", "open_run_dir", "hold"]
 
 _HINT = "choose another run.output_dir"
 # What a run writes at the top of its directory (kdrl/README.md lists them): --fresh moves only such directories.
@@ -89,13 +89,18 @@ def move_aside(output_dir: str | Path) -> Path:
     return target
 
 
-def _acquire(out: Path, warn) -> RunLock:
-    lock = RunLock(out, hint=_HINT)
+def hold(lock: RunLock, warn=_warn) -> RunLock:
+    """Acquire ``lock`` (again, after a release); another live holder or an unusable directory is a ConfigError
+    naming ``run.output_dir``."""
     try:
         lock.acquire(warn)
     except RunLockError as err:
         raise ConfigError(f"run.output_dir: {err}") from None
     return lock
+
+
+def _acquire(out: Path, warn) -> RunLock:
+    return hold(RunLock(out, hint=_HINT), warn)
 
 
 def open_run_dir(output_dir: str | Path, *, resume: bool, fresh: bool, warn=_warn) -> tuple[RunLock, Path | None]:
