@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kdrl import runlock
+from kdrl.jsonl import append_lines, split_lines
 
 __all__ = ["RunStore"]
 
@@ -104,8 +105,7 @@ class RunStore:
         if not path.exists():
             return []
         raw = path.read_bytes()
-        lines = raw.split(b"\n")
-        tail = lines.pop()  # b"" when the file ends with a newline
+        lines, partial = split_lines(raw, lambda line: _record(line) is not None)
         records = []
         for i, line in enumerate(lines, 1):
             if not line.strip():
@@ -117,31 +117,22 @@ class RunStore:
                 self._warned.add((path, i))
                 _note(f"warning: {path}: line {i} is not a valid sample record ({line[:60]!r}...): skipped, "
                       "left in the file as it is; the sample it held will be generated again")
-        if tail.strip():
-            rec = _record(tail)
+        if partial:
             with open(path, "r+b") as f:
-                if rec is not None:  # a whole record that lost only its newline
-                    f.seek(len(raw))
-                    f.write(b"\n")
-                    records.append(rec)
-                else:
-                    f.truncate(len(raw) - len(tail))
-                    _note(f"{path}: cut a partial last line ({len(tail)} bytes, from a write that was interrupted "
-                          "or ran out of space); its sample will be generated again")
-        elif tail:  # whitespace only
-            with open(path, "r+b") as f:
-                f.truncate(len(raw) - len(tail))
+                f.truncate(len(raw) - len(partial))
+            if partial.strip():
+                _note(f"{path}: cut a partial last line ({len(partial)} bytes, from a write that was interrupted "
+                      "or ran out of space); its sample will be generated again")
+        elif raw and not raw.endswith(b"\n"):  # a whole record that lost only its newline
+            with open(path, "ab") as f:
+                f.write(b"\n")
         return records
 
     def append(self, task: str, records: list[dict]) -> None:
         if not records:
             return
         self._mkdirs()
-        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        with open(self.path(task), "a", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        append_lines(self.path(task), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
     def add_timing(self, task: str, samples: int, seconds: float, tokens: int) -> dict:
         """Accumulate generation time over invocations (timing.json), so a resumed run reports the throughput of

@@ -260,14 +260,14 @@ def _inject(monkeypatch, point):
             return real_save(tensors, filename)
         monkeypatch.setattr(ckpt_mod, "save_file", save_file)
     elif point == "disk full in the samples":
-        real_append = log_mod._append
+        real_append = log_mod.append_lines
 
         def append(path, text):
             if path.name == "samples.jsonl" and '"step": 2' in text:
                 real_append(path, text[:len(text) // 2])
                 raise OSError(28, "No space left on device")
             return real_append(path, text)
-        monkeypatch.setattr(log_mod, "_append", append)
+        monkeypatch.setattr(log_mod, "append_lines", append)
     elif point == "between samples and metrics":
         real_write = log_mod.MetricsLogger.write
 

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from kdrl.jsonl import append_lines, split_lines
+
 __all__ = ["MetricsLogger", "SampleLog", "Progress", "read_metrics", "read_jsonl", "cut_jsonl", "step_line",
            "time_split"]
 
@@ -48,14 +50,7 @@ def cut_jsonl(path: str | Path, last_step: int, warn=None) -> None:
     warn = warn or (lambda message: print(f"kdrl.train: {message}", file=sys.stderr, flush=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = path.read_bytes() if path.exists() else b""
-    lines = raw.split(b"\n")
-    tail = lines.pop()  # b"" when the file ends with a newline
-    try:
-        json.loads(tail or b"x")
-        lines.append(tail)  # a whole record that only lacks its newline: keep it (with one)
-        tail = b""
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        pass
+    lines, tail = split_lines(raw, _is_json)  # a whole record that only lacks its newline is kept (with one)
     if tail:
         warn(f"{path}: cut an incomplete last line ({len(tail)} bytes without a newline: the write of a step's "
              "records was interrupted); that step is rerun")
@@ -77,12 +72,12 @@ def cut_jsonl(path: str | Path, last_step: int, warn=None) -> None:
     os.replace(tmp, path)
 
 
-def _append(path: Path, text: str) -> None:
-    """Append whole records and flush them to the disk before the step's checkpoint is committed."""
-    with path.open("a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 class Progress:
@@ -191,7 +186,7 @@ class MetricsLogger:
     def write(self, step: int, metrics: dict) -> None:
         """Append the step's record to the JSONL file (fsynced) and TensorBoard; ``metrics`` maps names to floats
         (non-numbers go to the JSONL file only)."""
-        _append(self.path, json.dumps({"step": step, **metrics}) + "\n")
+        append_lines(self.path, json.dumps({"step": step, **metrics}) + "\n")
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
@@ -220,4 +215,4 @@ class SampleLog:
         cut_jsonl(self.path, start_step)
 
     def write(self, records: list[dict]) -> None:
-        _append(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        append_lines(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
