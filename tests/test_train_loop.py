@@ -92,3 +92,64 @@ def test_two_updates_per_rollout_clip_against_the_rollout_policy(pair, tmp_path)
     # On-policy the first mini-batch's ratio is exactly 1; the second is scored after the first update (by the
     # KD term: a random tiny model earns no reward), so its ratio to the rollout policy moved off 1.
     assert metrics["ratio_min"] < 1.0 < metrics["ratio_max"]
+
+
+def test_eval_at_start_and_eval_kl_recorded_once_and_resumed(pair, tmp_path, monkeypatch):
+    """run.eval_at_start evaluates the initial student as step 0 with a step-0 checkpoint, so a run interrupted in
+    step 1 resumes without evaluating again; run.eval_kl loads the teacher even for GRPO (which never trains
+    against it) and records the exact KL on the greedy responses."""
+    from kdrl.trainer.checkpoint import list_checkpoints
+    out = tmp_path / "evals"
+    extra = ["loss.objective=grpo", "run.eval_at_start=true", "run.eval_kl=true", "run.eval_every=2",
+             "run.eval_limit=5", "run.eval_max_new_tokens=6", "run.save_every=0"]
+    trainer = Trainer(load_config(None, settings(pair, out, steps=2) + extra))
+    assert trainer.teacher is not None
+    calls, real_generate = {"n": 0}, trainer.generator.generate
+
+    def crash_in_step_1(*args, **kwargs):  # call 1 is the start evaluation, call 2 step 1's rollout
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.generator, "generate", crash_in_step_1)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    del trainer
+    assert [p.name for p in list_checkpoints(out)] == ["step_000000"]
+    resumed = Trainer(load_config(None, settings(pair, out, steps=2) + extra))
+    assert resumed.step == 0
+    resumed.run()
+    logged = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [0, 1, 2]
+    start, _, end = logged
+    assert set(start) >= {"eval_accuracy", "eval_len_mean", "eval_truncated_frac", "eval_kl"}
+    assert "reward_mean" not in start and "k2" not in logged[1]  # GRPO: the teacher is not in the loss
+    assert start["eval_kl"] > 0 and end["eval_kl"] > 0
+    assert [p.name for p in list_checkpoints(out)] == ["step_000000", "step_000002"]
+    # The measured KL is the exact one: recompute the start value from the initial student on full logits.
+    fresh = Trainer(load_config(None, settings(pair, tmp_path / "check", steps=0) + extra))
+    from kdrl.data import load_task
+    from kdrl.generation import SamplingConfig
+    problems = load_task("gsm8k", limit=5)
+    texts = fresh.prompts(problems)
+    outs = [o[0] for o in fresh.generator.generate(texts, SamplingConfig(max_new_tokens=6, temperature=0.0),
+                                                   progress=False)]
+    num = den = 0.0
+    for text, o in zip(texts, outs):
+        ids = torch.tensor([fresh.tokenizer(text, add_special_tokens=False)["input_ids"] + list(o.token_ids)])
+        p = len(ids[0]) - len(o.token_ids)
+        with torch.no_grad():
+            s = fresh.model(input_ids=ids).logits[0, p - 1:-1].double().log_softmax(-1)
+            t = fresh.teacher(input_ids=ids).logits[0, p - 1:-1].double().log_softmax(-1)
+        num += float((s.exp() * (s - t)).sum())
+        den += len(o.token_ids)
+    assert start["eval_kl"] == pytest.approx(num / den, rel=2e-3)
+    fresh.close()
+
+
+def test_eval_kl_needs_a_torch_teacher():
+    with pytest.raises(ValueError, match="run.eval_kl=true measures the KL to the teacher: set model.teacher"):
+        load_config(None, ["run.eval_kl=true", "model.teacher=null"])
+    with pytest.raises(ValueError, match="model.teacher_backend=hf"):
+        load_config(None, ["run.eval_kl=true", "model.teacher=x", "model.teacher_backend=vllm"])

@@ -110,6 +110,11 @@ class RunConfig:
     eval_task: str = opt("gsm8k", "benchmark for periodic evaluation (kdrl.data.load_task name)")
     eval_limit: int | None = opt(50, "problems per periodic evaluation, >= 1; null = the whole eval_task")
     eval_max_new_tokens: int = opt(400, "token budget of the periodic evaluation")
+    eval_at_start: bool = opt(False, "also evaluate before the first step: recorded as step 0 in metrics.jsonl, with "
+                                     "a step-0 checkpoint so a resumed run does not evaluate again")
+    eval_kl: bool = opt(False, "the evaluation also measures the exact reverse KL(student || teacher) per response "
+                               "token on its greedy responses (eval_kl in metrics.jsonl): needs model.teacher with "
+                               "teacher_backend hf, which is then loaded for any objective, GRPO included")
     threads: int = opt(0, "torch intra-op threads; 0 = leave torch's default")
     export_final: bool = opt(True, "at the end, save the student (LoRA merged) with its tokenizer to "
                                    "<output_dir>/final, a model directory the evaluation harness can load")
@@ -373,6 +378,11 @@ def _validate_teacher_backend(cfg: TrainConfig, lc) -> None:
     backend = cfg.model.teacher_backend
     if backend not in ("hf", "vllm"):
         raise ValueError(f"model.teacher_backend must be hf or vllm, got {backend!r}")
+    if cfg.run.eval_kl and not cfg.model.teacher:
+        raise ValueError("run.eval_kl=true measures the KL to the teacher: set model.teacher")
+    if cfg.run.eval_kl and backend == "vllm":
+        raise ValueError("run.eval_kl=true needs the teacher's hidden states (the exact KL): set "
+                         "model.teacher_backend=hf, or run.eval_kl=false")
     if backend == "hf" or not lc.needs_teacher:
         return
     if lc.kl_in_loss:

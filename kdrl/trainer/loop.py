@@ -51,6 +51,15 @@ def _untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _eval_suffix(metrics: dict) -> str:
+    """`` | eval acc 0.281 len 250.3 cut 0.031 kl 0.270`` for a record with an evaluation, else ''."""
+    if "eval_accuracy" not in metrics:
+        return ""
+    kl = f" kl {metrics['eval_kl']:.4f}" if metrics.get("eval_kl") is not None else ""
+    return (f"  | eval acc {metrics['eval_accuracy']:.3f} len {metrics['eval_len_mean']:.1f} "
+            f"cut {metrics.get('eval_truncated_frac', 0.0):.3f}{kl}")
+
+
 class Trainer:
     """Holds the models, optimizer, generator and data position of one run. :meth:`run` trains to the end.
 
@@ -93,7 +102,7 @@ class Trainer:
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
         torch.manual_seed(cfg.run.seed)
-        if registry.teacher_input(lc) == "none" and cfg.model.teacher:
+        if registry.teacher_input(lc) == "none" and cfg.model.teacher and not cfg.run.eval_kl:
             print(f"kdrl.train: loss.objective={lc.objective} reads no teacher: model.teacher={cfg.model.teacher!r} "
                   "is not loaded", file=sys.stderr)
         dtype = getattr(torch, cfg.model.dtype)
@@ -107,7 +116,7 @@ class Trainer:
         if lc.needs_teacher and cfg.model.teacher_backend == "vllm":
             from kdrl.trainer.teacher import serve_teacher
             self.teacher_server = serve_teacher(cfg, self.tokenizer, say)
-        elif lc.needs_teacher:
+        elif lc.needs_teacher or cfg.run.eval_kl:  # eval_kl: the teacher is measured against, never trained to
             say(f"loading the teacher {cfg.model.teacher} ({cfg.model.dtype}) ...")
             t0 = time.perf_counter()
             self.teacher, teacher_tok = load_model_and_tokenizer(resolve_model(cfg.model.teacher), dtype=dtype)
@@ -131,6 +140,7 @@ class Trainer:
         say(f"{len(self.problems)} problems from {cfg.data.task}")
         self.sampler = PromptSampler(self.problems, seed=cfg.run.seed, shuffle=cfg.data.shuffle)
         self.step = 0
+        self.resumed = ckpt is not None  # a step-0 checkpoint holds the start evaluation (run.eval_at_start)
         if ckpt is not None:
             state = load_checkpoint(ckpt, self.master.params, self.optimizer, verify=False)  # open_run_dir did
             self.master.publish()
@@ -287,8 +297,8 @@ class Trainer:
         """
         if self.teacher_server is not None:  # model.teacher_backend=vllm: sampled-token log-probs, temperature 1
             return {"teacher_logprobs": self.teacher_server.logprobs(batch)}
-        if self.teacher is None:
-            return {}
+        if self.teacher is None or registry.teacher_input(self.loss_fn.config) == "none":
+            return {}  # no teacher, or one loaded only for the evaluation's KL (run.eval_kl)
         from kdrl_kernels import fused_linear_logprobs
         lc, mb = self.loss_fn.config, self.cfg.optim.micro_batch_size
         weight = self.teacher.get_output_embeddings().weight
@@ -377,18 +387,47 @@ class Trainer:
     # ---- evaluation, checkpoints, the run ---------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Greedy accuracy and mean response length on ``run.eval_task`` with the shared grader."""
+        """Greedy accuracy, mean response length and truncation rate on ``run.eval_task`` with the shared grader;
+        with ``run.eval_kl`` also the exact KL to the teacher on those responses (:meth:`eval_kl`)."""
         from kdrl.data import load_task
         from kdrl.generation import SamplingConfig
         from kdrl.grading import grade_many
         run = self.cfg.run
         problems = load_task(run.eval_task, limit=run.eval_limit)
-        outs = self.generator.generate(self.prompts(problems), SamplingConfig(
-            max_new_tokens=run.eval_max_new_tokens, temperature=0.0, n=1), progress=False)
-        ok = grade_many([o[0].text for o in outs], [p.answer for p in problems],
-                        truncated=[o[0].finish_reason == "length" for o in outs])
-        return {"eval_accuracy": sum(ok) / len(ok),
-                "eval_len_mean": sum(len(o[0].token_ids) for o in outs) / len(outs)}
+        texts = self.prompts(problems)
+        outs = [o[0] for o in self.generator.generate(texts, SamplingConfig(
+            max_new_tokens=run.eval_max_new_tokens, temperature=0.0, n=1), progress=False)]
+        cut = [o.finish_reason == "length" for o in outs]
+        ok = grade_many([o.text for o in outs], [p.answer for p in problems], truncated=cut)
+        metrics = {"eval_accuracy": sum(ok) / len(ok),
+                   "eval_len_mean": sum(len(o.token_ids) for o in outs) / len(outs),
+                   "eval_truncated_frac": sum(cut) / len(cut)}
+        if run.eval_kl:
+            metrics["eval_kl"] = self.eval_kl(texts, [o.token_ids for o in outs])
+        return metrics
+
+    @torch.no_grad()
+    def eval_kl(self, prompts: list[str], responses: list[list[int]]) -> float:
+        """Mean over response tokens of the exact reverse KL(student || teacher) at the loss temperature, from
+        hidden states (``kdrl_kernels.fused_linear_kl``: no logits). Rows go through in micro-batches of similar
+        length, each padded only to its own longest row."""
+        from kdrl_kernels import fused_linear_kl
+        lc, mb = self.loss_fn.config, self.cfg.optim.micro_batch_size
+        prompt_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]) + len(responses[i]))
+        w_s = self.model.get_output_embeddings().weight
+        w_t = self.teacher.get_output_embeddings().weight
+        total, tokens = 0.0, 0
+        for start in range(0, len(order), mb):
+            rows = order[start:start + mb]
+            part = build_batch([prompt_ids[i] for i in rows], [[responses[i]] for i in rows],
+                               [[False] for _ in rows], [[False] for _ in rows], pad_id=self._pad_id())
+            kl = fused_linear_kl(hidden_states(self.model, part), w_s, hidden_states(self.teacher, part), w_t,
+                                 kind="reverse", temperature=lc.temperature, mask=part.mask,
+                                 truncate_teacher_vocab=lc.truncate_teacher_vocab)
+            total += float(kl[part.mask].double().sum())
+            tokens += int(part.mask.sum())
+        return total / max(tokens, 1)
 
     def save(self, commit: bool = True) -> Path:
         """Checkpoint the current step and return its directory; ``commit=False`` only writes it (to
@@ -416,14 +455,15 @@ class Trainer:
         samples = SampleLog(self.output_dir, self.step)
         history = []
         try:
+            if run.eval_at_start and self.step == 0 and not self.resumed:
+                self._evaluate_at_start(logger)
             while self.step < run.steps:
                 metrics = self.train_step()
                 if run.eval_every and self.step % run.eval_every == 0:
                     t0 = time.perf_counter()
                     metrics.update(self.evaluate())
                     metrics["time_eval"] = time.perf_counter() - t0
-                suffix = (f"  | eval acc {metrics['eval_accuracy']:.3f} len {metrics['eval_len_mean']:.1f}"
-                          if "eval_accuracy" in metrics else "")
+                suffix = _eval_suffix(metrics)
                 written = None
                 if (run.save_every and self.step % run.save_every == 0) or self.step == run.steps:
                     t0 = time.perf_counter()
@@ -449,6 +489,19 @@ class Trainer:
         if run.plot and history:
             self._plot(logger.path)
         return history
+
+    def _evaluate_at_start(self, logger: MetricsLogger) -> None:
+        """``run.eval_at_start``: evaluate the initial student, record it as step 0 and commit a step-0 checkpoint
+        with it (a resume then starts after this evaluation instead of repeating it)."""
+        self.say("step 0: evaluating the initial student (run.eval_at_start) ...")
+        t0 = time.perf_counter()
+        metrics = self.evaluate()
+        metrics["time_eval"] = time.perf_counter() - t0
+        written = self.save(commit=False)
+        logger.write(0, metrics)
+        commit_checkpoint(written, keep=self.cfg.run.keep_checkpoints)
+        self.say(f"step 0/{self.cfg.run.steps} (before training){_eval_suffix(metrics)}  | {metrics['time_eval']:.1f} "
+                 f"s  | saved step_{0:06d}")
 
     def _plot(self, metrics_path: Path) -> None:
         """``curves.png`` beside the metrics; a missing matplotlib is reported, not fatal (the run is done)."""

@@ -1,0 +1,128 @@
+"""Run a study: train every arm, evaluate each exported model and the starting student, write the report.
+
+    python study/run.py configs/study_gsm8k.yaml                 # all stages, all arms; run it again to resume
+    python study/run.py configs/study_gsm8k.yaml --stage train --arms kdrl,grpo
+
+Stages (each skips what is already done, so an interrupted study continues where it stopped):
+- ``train``: for each arm, ``python -m kdrl.train --config <output_dir>/configs/<arm>.yaml`` (that file is the
+  arm's whole trainer config, written once and never overwritten); the trainer resumes from the arm's newest
+  checkpoint. An arm is done when its ``final/`` model exists and its log reaches the last step.
+- ``eval``: ``evals/run.py`` on the starting student (run ``start``) and on every finished arm's ``final/``
+  (``--baseline start``: paired differences on the same problems), into ``<output_dir>/evals``; a run the harness
+  already finished is skipped, a partial one resumes.
+- ``report``: ``<output_dir>/report.md`` and ``study.png`` from the arms' logs and the evaluations; with
+  ``report:`` in the study file, also that docs page's generated section and the PNG beside it.
+
+Every stage runs its work in child processes with this interpreter (``sys.executable``): use the one that has
+vLLM (``bash scripts/setup_eval.sh --venv DIR``, then ``DIR/bin/python study/run.py ...``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's packages first
+    sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+
+from study.config import Study, StudyError, load_study  # noqa: E402
+from study.status import arm_done, eval_done  # noqa: E402
+
+STAGES = ("train", "eval", "report")
+
+
+def say(message: str) -> None:
+    print(f"[study {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def arm_config_file(study: Study, arm: str) -> Path:
+    """``<output_dir>/configs/<arm>.yaml``: written once; a different existing file is refused, never replaced
+    (the arm's run was made with it)."""
+    path = study.output_dir / "configs" / f"{arm}.yaml"
+    text = (f"# arm {arm!r} of {study.path}: the whole trainer config (written by study/run.py)\n"
+            + yaml.safe_dump(study.arms[arm], sort_keys=False))
+    if path.exists():
+        old = yaml.safe_load(path.read_text())
+        if old != study.arms[arm]:
+            raise StudyError(f"{path} holds another config for arm {arm!r} than {study.path} now gives: the arm's "
+                             f"run was made with it. Restore the study file, or choose another output_dir")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def run_child(cmd: list[str]) -> None:
+    """Run one stage's child process in the foreground (its output streams through); a failure stops the study."""
+    say("$ " + " ".join(cmd))
+    code = subprocess.run(cmd, cwd=REPO).returncode
+    if code:
+        raise SystemExit(f"study/run.py: {' '.join(cmd[:4])} ... exited with {code}; fix that and run the same "
+                         "command again to continue")
+
+
+def train(study: Study, arms: list[str]) -> None:
+    for arm in arms:
+        if arm_done(study, arm):
+            say(f"arm {arm}: done ({study.arm_dir(arm) / 'final'})")
+            continue
+        config = arm_config_file(study, arm)
+        say(f"arm {arm}: training into {study.arm_dir(arm)}/ (config {config})")
+        run_child([sys.executable, "-m", "kdrl.train", "--config", str(config)])
+
+
+def evaluate(study: Study, arms: list[str]) -> None:
+    from study.evaluate import eval_commands
+    for name, cmd in eval_commands(study, arms):
+        if eval_done(study, name):
+            say(f"evaluation {name}: done ({study.eval_dir / name / 'results.json'})")
+            continue
+        run_child(cmd)
+
+
+def report(study: Study, arms: list[str]) -> None:
+    from study.report import write_report
+    for path in write_report(study, arms):
+        say(f"wrote {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="study/run.py", description=__doc__.split("\n")[0])
+    p.add_argument("config", help="study file, e.g. configs/study_gsm8k.yaml")
+    p.add_argument("--stage", default="all", choices=("all",) + STAGES)
+    p.add_argument("--arms", default=None, help="comma list of arms (default: all, in the file's order)")
+    args = p.parse_args(argv)
+    try:
+        study = load_study(args.config)
+        arms = list(study.arms) if args.arms is None else [a.strip() for a in args.arms.split(",") if a.strip()]
+        unknown = [a for a in arms if a not in study.arms]
+        if unknown or not arms:
+            raise StudyError(f"--arms {args.arms}: unknown arm(s) {unknown}; the study has {', '.join(study.arms)}")
+    except StudyError as err:
+        print(f"study/run.py: error: {err}", file=sys.stderr)
+        return 2
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    say(f"{study.path}: arms {', '.join(arms)}; stages {', '.join(stages)}; output {study.output_dir}/")
+    try:
+        for stage in stages:
+            {"train": train, "eval": evaluate, "report": report}[stage](study, arms)
+    except StudyError as err:
+        print(f"study/run.py: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("study/run.py: interrupted; run the same command again to continue where it stopped",
+              file=sys.stderr, flush=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
