@@ -6,6 +6,7 @@ YAML layout (``configs/study_gsm8k.yaml`` is the example)::
     train: {model: ..., rollout: ..., run: ...}   # a kdrl.train config shared by every arm
     arms: {kdrl: {loss: {...}}, grpo: {loss: {...}}}   # arm -> overrides (deep-merged into train), in order
     eval: {tasks: gsm8k, limit: 300, max_new_tokens: 512}   # evals/run.py on each final model and the start
+                                     # (backend: auto / vllm / hf, as evals/run.py --backend)
     report: docs/study_gsm8k.md      # optional: the page whose generated section the report rewrites
 
 Every arm's trainer config is built and validated (``kdrl.trainer.config``) before anything runs; a bad field is
@@ -25,7 +26,7 @@ from kdrl.trainer.config import build_config, validate
 __all__ = ["StudyError", "Study", "load_study", "arm_tree"]
 
 _ARM = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-_EVAL_KEYS = {"tasks": str, "limit": int, "max_new_tokens": int}
+_EVAL_KEYS = {"tasks": str, "limit": int, "max_new_tokens": int, "backend": str}
 
 
 class StudyError(ValueError):
@@ -117,9 +118,13 @@ def load_study(path: str | Path) -> Study:
     for key, value in ev.items():
         if key not in _EVAL_KEYS:
             raise StudyError(f"eval.{key}: unknown; known: {', '.join(_EVAL_KEYS)}")
-        if not isinstance(value, _EVAL_KEYS[key]) or isinstance(value, bool) or (key != "tasks" and value < 1):
-            raise StudyError(f"eval.{key} must be {'a task list' if key == 'tasks' else 'an integer >= 1'}, "
-                             f"got {value!r}")
+        if _EVAL_KEYS[key] is str:
+            ok = isinstance(value, str) and (key != "backend" or value in ("auto", "vllm", "hf"))
+        else:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if not ok:
+            expected = {"tasks": "a comma list of tasks", "backend": "auto, vllm or hf"}.get(key, "an integer >= 1")
+            raise StudyError(f"eval.{key} must be {expected}, got {value!r}")
     report = tree.get("report")
     return Study(path=path, output_dir=out, arms=arms, eval={"tasks": "gsm8k", **ev},
                  report=Path(report) if report else None)

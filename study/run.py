@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repository's
 import yaml  # noqa: E402
 
 from study.config import Study, StudyError, load_study  # noqa: E402
-from study.status import arm_done, eval_done  # noqa: E402
+from study.status import arm_done, arm_steps, eval_done, machine  # noqa: E402
 
 STAGES = ("train", "eval", "report")
 
@@ -60,10 +61,21 @@ def arm_config_file(study: Study, arm: str) -> Path:
     return path
 
 
+def record_session(study: Study, arm: str) -> None:
+    """Append to ``<output_dir>/sessions.jsonl`` which machine trains the arm from which step (the report names
+    the machines: step times are only comparable on one kind)."""
+    study.output_dir.mkdir(parents=True, exist_ok=True)
+    with (study.output_dir / "sessions.jsonl").open("a") as f:
+        f.write(json.dumps({"arm": arm, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "from_step": arm_steps(study, arm), "machine": machine()}) + "\n")
+
+
 def run_child(cmd: list[str]) -> None:
     """Run one stage's child process in the foreground (its output streams through); a failure stops the study."""
     say("$ " + " ".join(cmd))
-    code = subprocess.run(cmd, cwd=REPO).returncode
+    env = dict(os.environ)  # the children find this repository's packages from the user's directory too
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    code = subprocess.run(cmd, env=env).returncode
     if code:
         raise SystemExit(f"study/run.py: {' '.join(cmd[:4])} ... exited with {code}; fix that and run the same "
                          "command again to continue")
@@ -71,11 +83,12 @@ def run_child(cmd: list[str]) -> None:
 
 def train(study: Study, arms: list[str]) -> None:
     for arm in arms:
+        config = arm_config_file(study, arm)  # also for a finished arm: its results were made with that file
         if arm_done(study, arm):
             say(f"arm {arm}: done ({study.arm_dir(arm) / 'final'})")
             continue
-        config = arm_config_file(study, arm)
         say(f"arm {arm}: training into {study.arm_dir(arm)}/ (config {config})")
+        record_session(study, arm)
         run_child([sys.executable, "-m", "kdrl.train", "--config", str(config)])
 
 

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 
 from kdrl.trainer.config import build_config
 from kdrl.trainer.logging import read_jsonl
 from study.config import Study
 
-__all__ = ["arm_done", "eval_done", "arm_steps"]
+__all__ = ["arm_done", "eval_done", "arm_steps", "machine"]
 
 
 def arm_steps(study: Study, arm: str) -> int:
@@ -31,3 +33,19 @@ def eval_done(study: Study, name: str) -> bool:
         return json.loads(path.read_text()).get("status") != "partial"
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def machine() -> str:
+    """``Intel(R) Xeon(R) Processor, 2 cores, AMX``: the CPU's name, core count and whether it has AMX (bf16 GEMMs
+    differ about 4x between CPUs with and without it)."""
+    name, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores" + (", AMX" if "amx_bf16" in flags else "")

@@ -2,7 +2,8 @@
 
 kdrl_kernels imports none of ours; kdrl's application layer (kdrl/*.py) none of kdrl's trainer, integrations or
 testbed; the trainer neither integrations nor testbed; evals only kdrl's application layer; bench only
-kdrl_kernels; and no private name (leading underscore) is imported across a package boundary.
+kdrl_kernels; study (on top) the trainer and evals; and no private name (leading underscore) is imported across a
+package boundary.
 """
 import ast
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-OURS = ("kdrl_kernels", "kdrl", "evals", "bench")
+OURS = ("kdrl_kernels", "kdrl", "evals", "bench", "study")
 
 
 def _module_name(path: Path) -> str:
@@ -47,6 +48,7 @@ ALLOWED = {
     "kdrl.testbed": {"kdrl_kernels", "kdrl", "kdrl.trainer", "kdrl.testbed"},
     "evals": {"kdrl", "evals"},
     "bench": {"kdrl_kernels", "bench"},
+    "study": {"kdrl_kernels", "kdrl", "kdrl.trainer", "evals", "study"},
 }
 
 
