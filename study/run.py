@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -71,14 +72,42 @@ def record_session(study: Study, arm: str) -> None:
 
 
 def run_child(cmd: list[str]) -> None:
-    """Run one stage's child process in the foreground (its output streams through); a failure stops the study."""
+    """Run one stage's child process in the foreground (its output streams through); a failure stops the study.
+
+    Interrupted (Ctrl-C, or SIGINT / SIGTERM to this process alone), the child is asked to stop with one SIGINT
+    and waited for, so the trainer commits its records and the harness its samples, and stops its engine:
+    nothing is left running and the next run of the same command continues."""
     say("$ " + " ".join(cmd))
     env = dict(os.environ)  # the children find this repository's packages from the user's directory too
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    code = subprocess.run(cmd, env=env).returncode
+    child = subprocess.Popen(cmd, env=env)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        _stop(child)
+        raise
     if code:
         raise SystemExit(f"study/run.py: {' '.join(cmd[:4])} ... exited with {code}; fix that and run the same "
                          "command again to continue")
+
+
+def _stop(child: subprocess.Popen, grace: float = 2.0, patience: float = 300.0) -> None:
+    """Stop ``child`` after an interrupt: a terminal's Ctrl-C reached it too (same process group), so it gets
+    ``grace`` seconds to act on that before one SIGINT is sent; after ``patience`` more seconds, SIGTERM."""
+    for sig, wait in ((None, grace), (signal.SIGINT, patience), (signal.SIGTERM, 30.0), (signal.SIGKILL, None)):
+        if sig is not None and child.poll() is None:
+            child.send_signal(sig)
+        try:
+            child.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting politely
+            continue
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends the study like Ctrl-C: the running child is stopped, not orphaned
 
 
 def train(study: Study, arms: list[str]) -> None:
@@ -123,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"study/run.py: error: {err}", file=sys.stderr)
         return 2
     stages = STAGES if args.stage == "all" else (args.stage,)
+    signal.signal(signal.SIGTERM, _sigterm)
     say(f"{study.path}: arms {', '.join(arms)}; stages {', '.join(stages)}; output {study.output_dir}/")
     try:
         for stage in stages:

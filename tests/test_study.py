@@ -99,3 +99,35 @@ def test_changed_arm_config_is_refused_not_overwritten(pair, tmp_path):
     proc = run_study(tmp_path, "--stage", "train")
     assert proc.returncode == 2 and "holds another config for arm 'grpo'" in proc.stderr
     assert (tmp_path / "study" / "configs" / "grpo.yaml").read_text() == saved
+
+
+def test_interrupted_study_stops_its_child_and_resumes(pair, tmp_path):
+    """SIGTERM to the study process alone (as a scheduler sends it): the trainer it runs is stopped, not orphaned,
+    and leaves its checkpoints for the same command to continue from."""
+    import os
+    import signal
+    import time
+    study_file(tmp_path, pair, arms={"grpo": {"loss": {"objective": "grpo"}, "run": {
+        "steps": 400, "eval_at_start": False, "eval_every": 0, "save_every": 2}}})
+    proc = subprocess.Popen([sys.executable, str(REPO / "study" / "run.py"), "study.yaml", "--stage", "train"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "study" / "grpo" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "run the same command again to continue" in err, err[-2000:]
+    assert any("-m kdrl.train" in line for line in out.splitlines())
+    time.sleep(0.5)
+    left = []  # processes still running in the study's directory: the trainer must not outlive the study
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.readlink(f"/proc/{pid}/cwd") == str(tmp_path):
+                left.append(pid)
+        except OSError:
+            continue
+    assert not left, left
+    done = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    assert 3 <= done < 400 and (tmp_path / "study" / "grpo" / "checkpoints").is_dir()  # resumable from there
