@@ -16,6 +16,7 @@ if __name__ == "__main__" and not {"-h", "--help", "--describe"} & set(sys.argv[
     print("[kdrl.train +0.0s] starting: importing torch and kdrl_kernels ...", flush=True)
 
 import argparse
+import signal
 
 from kdrl.trainer.config import ConfigError, describe, load_config
 from kdrl.trainer.loop import Trainer
@@ -53,8 +54,22 @@ def main(argv: list[str] | None = None) -> None:
         trainer = Trainer(cfg, allow_config_change=args.allow_config_change, started=_T0, fresh=args.fresh)
     except ConfigError as err:  # a start-up check; any other error while starting is a bug: keep its traceback
         _refuse(err)
-    trainer.run()
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the message short
+        print(f"kdrl.train: stopped during step {trainer.step + 1}; every finished step is on disk, and the same "
+              "command resumes from the newest checkpoint", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     trainer.say(f"done: step {trainer.step}/{cfg.run.steps}; outputs in {trainer.output_dir}/")
+
+
+def _terminated(signum, frame):
+    """SIGTERM (a scheduler, ``kill``, study/run.py) stops the run like Ctrl-C: the step in progress is dropped,
+    the lock released, the generator's engine shut down."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

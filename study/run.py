@@ -74,9 +74,10 @@ def record_session(study: Study, arm: str) -> None:
 def run_child(cmd: list[str]) -> None:
     """Run one stage's child process in the foreground (its output streams through); a failure stops the study.
 
-    Interrupted (Ctrl-C, or SIGINT / SIGTERM to this process alone), the child is asked to stop with one SIGINT
-    and waited for, so the trainer commits its records and the harness its samples, and stops its engine:
-    nothing is left running and the next run of the same command continues."""
+    Interrupted (Ctrl-C, or SIGINT / SIGTERM to this process alone), the child is asked to stop with one SIGTERM
+    (which both children treat like Ctrl-C, and which a child started in the background, where Ctrl-C is ignored,
+    still hears) and waited for, so the trainer keeps every finished step and the harness its samples, and its
+    engine stops: nothing is left running and the next run of the same command continues."""
     say("$ " + " ".join(cmd))
     env = dict(os.environ)  # the children find this repository's packages from the user's directory too
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
@@ -97,8 +98,9 @@ def run_child(cmd: list[str]) -> None:
 
 def _stop(child: subprocess.Popen, grace: float = 2.0, patience: float = 300.0) -> None:
     """Stop ``child`` after an interrupt: a terminal's Ctrl-C reached it too (same process group), so it gets
-    ``grace`` seconds to act on that before one SIGINT is sent; after ``patience`` more seconds, SIGTERM."""
-    for sig, wait in ((None, grace), (signal.SIGINT, patience), (signal.SIGTERM, 30.0), (signal.SIGKILL, None)):
+    ``grace`` seconds to act on that before one SIGTERM is sent; after ``patience`` more seconds, SIGKILL (the
+    trainer's records and checkpoints survive even that)."""
+    for sig, wait in ((None, grace), (signal.SIGTERM, patience), (signal.SIGKILL, None)):
         if sig is not None and child.poll() is None:
             child.send_signal(sig)
         try:

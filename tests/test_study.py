@@ -119,6 +119,7 @@ def test_interrupted_study_stops_its_child_and_resumes(pair, tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "run the same command again to continue" in err, err[-2000:]
+    assert "kdrl.train: stopped during step" in err  # the trainer stopped on its own terms, not killed
     assert any("-m kdrl.train" in line for line in out.splitlines())
     time.sleep(0.5)
     left = []  # processes still running in the study's directory: the trainer must not outlive the study
