@@ -81,10 +81,6 @@ def run_child(cmd: list[str]) -> None:
     say("$ " + " ".join(cmd))
     env = dict(os.environ)  # the children find this repository's packages from the user's directory too
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    # glibc raises its mmap threshold as large blocks are freed, after which tensors of a new shape every step
-    # (responses differ in length) fragment the heap: a KDRL arm grew 0.09 GB per step. A fixed threshold keeps
-    # large blocks mmapped and returned to the system when freed.
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     child = subprocess.Popen(cmd, env=env)
     try:
         code = child.wait()

@@ -23,7 +23,7 @@ from kdrl.trainer.resume import config_changes
 from kdrl.trainer.rollout import PromptSampler, RolloutBatch, build_batch, rollout_metrics
 from kdrl.trainer.rundir import hold, open_run_dir
 from kdrl.trainer.step import (MasterWeights, Timer, backward_microbatches, hidden_states, kd_groups_whole,
-                               optimizer_step)
+                               optimizer_step, release_free_memory)
 from kdrl_kernels import KDRLLoss, registry, teacher_head
 
 __all__ = ["Trainer"]
@@ -366,6 +366,8 @@ class Trainer:
             updates.append(m)
         with timer("weight_sync"):  # the hf generator takes a partial state dict: only what LoRA changed
             self.generator.update_weights(self.rollout_weights(changed_only=cfg.rollout.backend == "hf"))
+        del batch, mini, teacher, old  # this step's tensors, before the heap is trimmed
+        release_free_memory()
         self.step += 1
         sums = registry.reduce_metrics(updates)  # each update weighs 1 / n_updates
         sums.update(registry.kd_signal(lc, sums))

@@ -3,6 +3,8 @@ states aligned with the sampled tokens, fp32 master weights, and the micro-batch
 ``kdrl_kernels.KDRLLoss`` whose summed gradient equals the whole batch's."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import math
 import time
@@ -15,7 +17,7 @@ from kdrl_kernels import KDRLLoss
 from kdrl_kernels.registry import reduce_metrics
 
 __all__ = ["decoder", "hidden_states", "Timer", "MasterWeights", "backward_microbatches", "kd_groups_whole",
-           "optimizer_step"]
+           "optimizer_step", "release_free_memory"]
 
 
 def decoder(model):
@@ -139,3 +141,27 @@ def optimizer_step(optimizer: torch.optim.Optimizer, params, *, lr: float, step:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)
+
+
+_LIBC = None
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Every step allocates tensors of new shapes (responses differ in length), and glibc keeps what they freed inside
+    its heap: a KDRL run on the real pair grew by about 0.1 GB per step (13 to 16 GB in 18 steps) beside a vLLM
+    engine that needs 6 GB of the same 24. Trimming once per step keeps the resident size at the working set and
+    costs only re-touching those pages in the next step. (A fixed low mmap threshold did the same, but made every
+    large tensor a fresh mmap: 60% slower steps.)
+    """
+    global _LIBC
+    if _LIBC is None:
+        name = ctypes.util.find_library("c")
+        try:
+            libc = ctypes.CDLL(name) if name else None
+            _LIBC = libc if libc is not None and hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
