@@ -153,3 +153,13 @@ def test_eval_kl_needs_a_torch_teacher():
         load_config(None, ["run.eval_kl=true", "model.teacher=null"])
     with pytest.raises(ValueError, match="model.teacher_backend=hf"):
         load_config(None, ["run.eval_kl=true", "model.teacher=x", "model.teacher_backend=vllm"])
+
+
+def test_heap_is_trimmed_only_when_memory_runs_short(monkeypatch):
+    from kdrl.trainer import step
+    monkeypatch.setattr(step, "_available_fraction", lambda: 0.5)
+    assert step.release_free_memory(below=0.25) is False
+    monkeypatch.setattr(step, "_available_fraction", lambda: 0.1)
+    assert step.release_free_memory(below=0.25) is True  # glibc on Linux: malloc_trim ran
+    monkeypatch.undo()
+    assert 0 < step._available_fraction() < 1  # read from /proc/meminfo

@@ -366,8 +366,8 @@ class Trainer:
             updates.append(m)
         with timer("weight_sync"):  # the hf generator takes a partial state dict: only what LoRA changed
             self.generator.update_weights(self.rollout_weights(changed_only=cfg.rollout.backend == "hf"))
-        del batch, mini, teacher, old  # this step's tensors, before the heap is trimmed
-        release_free_memory()
+        del batch, mini, teacher, old  # this step's tensors, before the heap may be trimmed
+        trimmed = release_free_memory()
         self.step += 1
         sums = registry.reduce_metrics(updates)  # each update weighs 1 / n_updates
         sums.update(registry.kd_signal(lc, sums))
@@ -376,6 +376,7 @@ class Trainer:
         metrics.update({f"time_{k}": v for k, v in timer.items()})
         metrics["time_step"] = time.perf_counter() - t_start
         metrics["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+        metrics["heap_trimmed"] = trimmed
         return metrics
 
     def _optimizer_step(self, opt_step: int) -> float:
