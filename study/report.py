@@ -3,7 +3,7 @@ rows, written to ``<output_dir>/report.md`` and, with ``report:`` in the study f
 its markers (the page's own text around them is kept)."""
 from __future__ import annotations
 
-import json
+import math
 import re
 import statistics
 from pathlib import Path
@@ -50,13 +50,20 @@ def plot_study(study: Study, arms: list[str], out: Path) -> Path:
             rows = [r for r in (evals if kind == "eval" else train) if isinstance(r.get(key), (int, float))]
             if not rows:
                 continue
+            steps = [r["step"] for r in rows]
+            n = build_config(study.arms[arm]).run.eval_limit
+            if key == "eval_accuracy" and n:  # ± one standard error over the n held-out problems
+                ys = [r[key] for r in rows]
+                ax.errorbar(steps, ys, yerr=[math.sqrt(y * (1 - y) / n) for y in ys], marker="o", capsize=4,
+                            label=f"{arm} (± SE, {n} problems)")
+                continue
             ys = [r[key] for r in rows] if kind == "eval" else _rolling([r[key] for r in rows])
-            ax.plot([r["step"] for r in rows], ys, marker="o" if kind == "eval" else None, label=arm)
+            ax.plot(steps, ys, marker="o" if kind == "eval" else None, label=arm)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if ax.get_lines():
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9)
     fig.suptitle(f"{study.path.name}: {', '.join(arms)}")
     fig.tight_layout()
@@ -76,7 +83,7 @@ def _pct(x) -> str:
 
 
 def _runs_table(study: Study, arms: list[str]) -> list[str]:
-    lines = ["| arm | objective | steps | training time | median s/step (rollout / teacher / update / other) | "
+    lines = ["| arm | objective | steps | time in steps + evaluations | median s/step (rollout / teacher / update / other) | "
              "machine |", "|---|---|---:|---:|---|---|"]
     sessions = read_jsonl(study.output_dir / "sessions.jsonl")
     for arm in arms:
@@ -98,13 +105,16 @@ def _runs_table(study: Study, arms: list[str]) -> list[str]:
 
 
 def _heldout_table(study: Study, arms: list[str]) -> list[str]:
-    lines = ["| arm | step | accuracy % | exact KL to teacher (nats/token) | mean length | truncated % |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| arm | step | problems | accuracy % (± SE) | exact KL to teacher (nats/token) | mean length | truncated % |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for arm in arms:
+        n = build_config(study.arms[arm]).run.eval_limit  # None: the whole eval task, size not recorded
         for r in _records(study, arm)[1]:
-            kl = r.get("eval_kl")
-            lines.append(f"| {arm} | {r['step']} | {_pct(r['eval_accuracy'])} | {'-' if kl is None else f'{kl:.4f}'} "
-                         f"| {r['eval_len_mean']:.0f} | {_pct(r.get('eval_truncated_frac'))} |")
+            kl, acc = r.get("eval_kl"), r["eval_accuracy"]
+            se = f" ± {_pct(math.sqrt(acc * (1 - acc) / n))}" if n else ""
+            lines.append(f"| {arm} | {r['step']} | {n or '-'} | {_pct(acc)}{se} | "
+                         f"{'-' if kl is None else f'{kl:.4f}'} | {r['eval_len_mean']:.0f} | "
+                         f"{_pct(r.get('eval_truncated_frac'))} |")
     return lines
 
 
