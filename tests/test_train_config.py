@@ -39,9 +39,13 @@ def test_every_field_is_documented():
 def test_shipped_configs_load():
     from pathlib import Path
     from kdrl.trainer.config import loss_config
+    from study.config import load_study
     configs = sorted(Path(__file__).parent.parent.glob("configs/*.yaml"))
-    assert len(configs) >= 7
-    for path in configs:
+    studies = [p for p in configs if p.name.startswith("study_")]
+    assert len(configs) - len(studies) >= 7 and studies
+    for path in studies:  # a study file: every arm's trainer config is built and validated
+        assert load_study(path).arms
+    for path in (p for p in configs if p not in studies):
         cfg = load_config(path)
         lc = loss_config(cfg)  # the loss section, with its derived fields, is valid for the loss library
         assert lc.temperature == cfg.rollout.temperature
