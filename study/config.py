@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from evals.tasks import parse_tasks
 from kdrl.trainer.config import build_config, validate
 
 __all__ = ["StudyError", "Study", "load_study", "arm_tree"]
@@ -125,6 +126,10 @@ def load_study(path: str | Path) -> Study:
         if not ok:
             expected = {"tasks": "a comma list of tasks", "backend": "auto, vllm or hf"}.get(key, "an integer >= 1")
             raise StudyError(f"eval.{key} must be {expected}, got {value!r}")
+    try:  # a mistyped task would otherwise fail only at the eval stage, hours of training later
+        parse_tasks(ev.get("tasks", "gsm8k"))
+    except ValueError as err:
+        raise StudyError(f"eval.tasks: {err}") from None
     report = tree.get("report")
     return Study(path=path, output_dir=out, arms=arms, eval={"tasks": "gsm8k", **ev},
                  report=Path(report) if report else None)

@@ -83,6 +83,8 @@ def test_bad_study_files_are_one_line_errors(pair, tmp_path):
     path = study_file(tmp_path, pair, arms={"kdrl": {"loss": {"objective": "kdrl", "beta": -1}}})
     with pytest.raises(StudyError, match=r"arms.kdrl: invalid loss section: .*beta"):
         load_study(path)
+    with pytest.raises(StudyError, match=r"eval.tasks: .*gsm9k"):
+        load_study(study_file(tmp_path, pair, eval={"tasks": "gsm9k"}))
     study_file(tmp_path, pair, eval={"limit": 0})
     proc = run_study(tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == \
