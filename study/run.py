@@ -14,7 +14,8 @@ Stages (each skips what is already done, so an interrupted study continues where
   ``report:`` in the study file, also that docs page's generated section and the PNG beside it.
 
 Every stage runs its work in child processes with this interpreter (``sys.executable``): use the one that has
-vLLM (``bash scripts/setup_eval.sh --venv DIR``, then ``DIR/bin/python study/run.py ...``).
+vLLM and the trainer's extras (``bash scripts/setup_eval.sh --venv DIR --train``, then
+``DIR/bin/python study/run.py ...``).
 """
 from __future__ import annotations
 
