@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from evals.tasks import parse_tasks
-from kdrl.trainer.config import build_config, validate
+from kdrl.trainer.config import TrainConfig, build_config, validate
 
 __all__ = ["StudyError", "Study", "load_study", "arm_tree"]
 
@@ -36,10 +36,12 @@ class StudyError(ValueError):
 
 @dataclass
 class Study:
-    """A loaded study. ``arms``: arm name -> the full trainer config tree of that arm (validated)."""
+    """A loaded study. ``arms``: arm name -> the full trainer config tree of that arm (what its config file holds);
+    ``configs``: arm name -> that tree built and validated once, a ``TrainConfig`` (its loss a ``KDRLConfig``)."""
     path: Path
     output_dir: Path
     arms: dict[str, dict]
+    configs: dict[str, TrainConfig]
     eval: dict = field(default_factory=dict)
     report: Path | None = None
 
@@ -102,16 +104,17 @@ def load_study(path: str | Path) -> Study:
     arms_in = _mapping(tree.get("arms"), "arms")
     if not arms_in:
         raise StudyError("arms must name at least one arm")
-    arms = {}
+    arms, configs = {}, {}
     for name, overrides in arms_in.items():
         if not isinstance(name, str) or not _ARM.fullmatch(name) or name == "evals":
             raise StudyError(f"arms: {name!r} is not a usable arm name (letters, digits, _ and -; not 'evals')")
         arm = arm_tree(train, _mapping(overrides or {}, f"arms.{name}"), out / name)
         try:
-            validate(build_config(arm))
+            cfg = build_config(arm)
+            validate(cfg)
         except (ValueError, TypeError) as err:
             raise StudyError(f"arms.{name}: {err}") from None
-        arms[name] = arm
+        arms[name], configs[name] = arm, cfg
     students = {a["model"]["student"] for a in arms.values()}
     if len(students) != 1:
         raise StudyError(f"every arm must train the same student (the paired comparison's start), got {sorted(students)}")
@@ -131,5 +134,5 @@ def load_study(path: str | Path) -> Study:
     except ValueError as err:
         raise StudyError(f"eval.tasks: {err}") from None
     report = tree.get("report")
-    return Study(path=path, output_dir=out, arms=arms, eval={"tasks": "gsm8k", **ev},
+    return Study(path=path, output_dir=out, arms=arms, configs=configs, eval={"tasks": "gsm8k", **ev},
                  report=Path(report) if report else None)

@@ -9,7 +9,6 @@ import statistics
 from pathlib import Path
 
 from evals.leaderboard import load_runs, markdown_table
-from kdrl.trainer.config import build_config, validate
 from kdrl.trainer.logging import read_jsonl, time_split
 from kdrl_kernels import registry
 from study.config import Study
@@ -51,7 +50,7 @@ def plot_study(study: Study, arms: list[str], out: Path) -> Path:
             if not rows:
                 continue
             steps = [r["step"] for r in rows]
-            n = build_config(study.arms[arm]).run.eval_limit
+            n = study.configs[arm].run.eval_limit
             if key == "eval_accuracy" and n:  # ± one standard error over the n held-out problems
                 ys = [r[key] for r in rows]
                 ax.errorbar(steps, ys, yerr=[math.sqrt(y * (1 - y) / n) for y in ys], marker="o", capsize=4,
@@ -88,8 +87,7 @@ def _runs_table(study: Study, arms: list[str]) -> list[str]:
     sessions = read_jsonl(study.output_dir / "sessions.jsonl")
     for arm in arms:
         train, evals = _records(study, arm)
-        cfg = build_config(study.arms[arm])
-        validate(cfg)  # the loss section becomes a KDRLConfig
+        cfg = study.configs[arm]
         loss = registry.describe(cfg.loss)
         seconds = sum(float(r.get("time_step") or 0) + float(r.get("time_eval") or 0)
                       + float(r.get("time_checkpoint") or 0) for r in train + [e for e in evals if e["step"] == 0])
@@ -108,7 +106,7 @@ def _heldout_table(study: Study, arms: list[str]) -> list[str]:
     lines = ["| arm | step | problems | accuracy % (± SE) | exact KL to teacher (nats/token) | mean length | truncated % |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for arm in arms:
-        n = build_config(study.arms[arm]).run.eval_limit  # None: the whole eval task, size not recorded
+        n = study.configs[arm].run.eval_limit  # None: the whole eval task, size not recorded
         for r in _records(study, arm)[1]:
             kl, acc = r.get("eval_kl"), r["eval_accuracy"]
             se = f" ± {_pct(math.sqrt(acc * (1 - acc) / n))}" if n else ""

@@ -5,7 +5,6 @@ import json
 import os
 import platform
 
-from kdrl.trainer.config import build_config
 from kdrl.trainer.logging import read_jsonl
 from study.config import Study
 
@@ -22,7 +21,7 @@ def arm_done(study: Study, arm: str) -> bool:
     """The arm reached its last step and exported its model (``final/config.json`` is written last but one:
     the tokenizer follows, so both are checked)."""
     final = study.arm_dir(arm) / "final"
-    return (arm_steps(study, arm) >= build_config(study.arms[arm]).run.steps and (final / "config.json").is_file()
+    return (arm_steps(study, arm) >= study.configs[arm].run.steps and (final / "config.json").is_file()
             and (final / "tokenizer_config.json").is_file())
 
 
