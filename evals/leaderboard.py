@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import html
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -69,10 +70,13 @@ def _model_label(run: dict) -> str:
 
 
 def _weights(run: dict) -> str:
-    """Short weights label for the table ("4-bit GGUF Q4_K_M -> bf16"); the full source is in results.json."""
+    """Short weights label for the table ("4-bit GGUF Q4_K_M -> bf16", "fine-tuned from 4-bit GGUF Q4_K_M -> bf16"
+    for a model kdrl.train exported from such a student); the full source is in results.json."""
     src = run.get("model_source", "?")
     if "GGUF" in src and "dequantized to bf16" in src:
-        return src.split(" (")[0] + " -> bf16"
+        quant = re.search(r"\d+-bit GGUF \w+", src)
+        label = (quant.group(0) if quant else "GGUF") + " -> bf16"
+        return f"fine-tuned from {label}" if src.startswith("fine-tuned") else label
     return src
 
 
@@ -139,8 +143,8 @@ def markdown_table(runs: list[dict]) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     note = ("\nAccuracy in % (± standard error over problems). Greedy runs report accuracy; sampled runs the mean "
             "over n samples. Mean tokens: response tokens averaged over the tasks. Weights: registry models are 4-bit "
-            "GGUF files dequantized to bf16, so their scores are not comparable with published full-precision "
-            "numbers.\n")
+            "GGUF files dequantized to bf16 (models fine-tuned from them keep the label), so their scores are not "
+            "comparable with published full-precision numbers.\n")
     note += ("pass@k: unbiased estimate that one of k samples is right; maj@k: the most common answer among the first "
              "k samples is right (both at the largest k; '-' for one sample per problem).\n")
     if any(r.get("status") == "partial" for r in runs):

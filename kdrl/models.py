@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = ["REGISTRY", "RegistryModel", "resolve_model", "load_model_and_tokenizer", "cache_root", "DEFAULT_MODEL",
-           "DEFAULT_STUDENT", "model_source"]
+           "DEFAULT_STUDENT", "EXPORT_CARD", "model_source"]
 
 STAMP = "kdrl_converted.json"
 # The student every training config but the smoke test trains (configs/*.yaml: model.student), so the evaluation
@@ -43,10 +43,26 @@ class RegistryModel:
     source: str = ""            # where the weights come from and how they are quantized (results, leaderboard)
 
 
+# Written by kdrl.train beside a model it exports: the base model and how it was trained, so that every score of the
+# exported model says where its weights come from (a student that began as 4-bit GGUF weights stays labelled so).
+EXPORT_CARD = "kdrl_model.json"
+
+
 def model_source(name_or_path: str) -> str:
-    """Human-readable source + quantization of a model: the registry description, else 'local/hub weights'."""
+    """Human-readable source + quantization of a model: the registry description; for a directory kdrl.train
+    exported, how it was trained and its base model's source; else 'local directory or hub id'."""
     spec = REGISTRY.get(str(name_or_path))
-    return spec.source if spec else "local directory or hub id (precision as stored)"
+    if spec:
+        return spec.source
+    card = Path(str(name_or_path)).expanduser() / EXPORT_CARD
+    try:
+        info = json.loads(card.read_text())
+        return (f"fine-tuned by kdrl.train ({info['objective']}, {info['steps']} steps, {info['trained']}) from "
+                f"{info['base_model']}: {info['base_source']}")
+    except FileNotFoundError:
+        return "local directory or hub id (precision as stored)"
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"local directory (its {EXPORT_CARD} is unreadable: {err!r}; precision as stored)"
 
 
 def _parts(prefix: str, module: str, n: int, version: str) -> tuple[tuple[str, ...], tuple[str, ...]]:

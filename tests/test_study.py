@@ -64,6 +64,7 @@ def test_study_trains_evaluates_and_reports(pair, tmp_path):
     for arm in ("kdrl", "grpo"):  # paired against the starting student on the same problems
         pooled = results[arm]["comparison"]["paired"]["pooled"]
         assert results[arm]["comparison"]["baseline"] == "start" and pooled["shared_problems"] == 3
+        assert results[arm]["model_source"].startswith(f"fine-tuned by kdrl.train ({arm} ")  # the export's card
     board = (out / "evals" / "leaderboard.md").read_text()
     assert all(f"| {name} " in board or name in board for name in ("start", "kdrl", "grpo"))
     text = page.read_text()

@@ -1,4 +1,6 @@
 """The whole loop on tiny offline models: rollouts, grading, KDRL updates, checkpoints, and exact resume."""
+import json
+
 import pytest
 import torch
 
@@ -78,6 +80,8 @@ def test_lora_run_syncs_merged_weights_and_exports_a_loadable_model(pair, tmp_pa
     frozen = trainer.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight
     assert torch.equal(frozen, start[name])  # merging for the generator left the frozen base untouched
     exported = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    card = json.loads((out / "final" / "kdrl_model.json").read_text())
+    assert card["base_model"] == str(pair[0]) and card["steps"] == 1 and card["trained"].startswith("LoRA rank ")
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(exported(ids).logits, trainer.model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)

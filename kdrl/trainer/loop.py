@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kdrl.models import EXPORT_CARD, model_source
 from kdrl.trainer.checkpoint import checkpoint_bytes, commit_checkpoint, load_checkpoint, write_checkpoint
 from kdrl.trainer.config import ConfigError, TrainConfig, validate
 from kdrl.trainer.logging import MetricsLogger, Progress, SampleLog
@@ -26,7 +27,17 @@ from kdrl.trainer.step import (MasterWeights, Timer, backward_microbatches, hidd
                                optimizer_step, release_free_memory)
 from kdrl_kernels import KDRLLoss, registry, teacher_head
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "write_export_card"]
+
+
+def write_export_card(path: Path, cfg: TrainConfig, step: int, objective: str) -> None:
+    """``<path>/kdrl_model.json``: what the exported model was trained from and how (``kdrl.models.model_source``
+    reads it, so evaluation results and leaderboards label its weights)."""
+    m = cfg.model
+    card = {"base_model": m.student, "base_source": model_source(m.student), "objective": objective, "steps": step,
+            "trained": (f"LoRA rank {m.lora_rank} merged" if m.lora_rank else "full fine-tuning") + f", {m.dtype}",
+            "teacher": m.teacher, "run_dir": str(cfg.run.output_dir)}
+    (Path(path) / EXPORT_CARD).write_text(json.dumps(card, indent=1) + "\n")
 
 
 def _size(n_bytes: float) -> str:
@@ -524,4 +535,5 @@ class Trainer:
         base = self.model.get_base_model() if self.cfg.model.lora_rank else self.model
         base.save_pretrained(path, state_dict=self.rollout_weights())
         self.tokenizer.save_pretrained(path)
+        write_export_card(path, self.cfg, self.step, registry.describe(self.loss_fn.config))
         return path
