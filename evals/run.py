@@ -120,6 +120,14 @@ def provenance() -> dict:
     return {"git_sha": sha, "versions": {k: v for k, v in versions.items() if v}, "host": platform.node()}
 
 
+def _earlier_seconds(results: Path) -> float:
+    """Wall time the earlier invocations of a resumed run recorded in its results.json (0 for a new run)."""
+    try:
+        return float(json.loads(results.read_text())["seconds"]["total"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
 def _problem_ids(tasks: list[str], limit: int | None) -> dict[str, set]:
     return {t: {p.id for p in load_task(t, limit=limit)} for t in tasks}
 
@@ -297,6 +305,12 @@ def main(argv: list[str] | None = None) -> dict:
             "backend": backend, "dtype": args.dtype, "settings": config, "tasks_requested": tasks,
             "generator": generator.info(), **provenance()}
 
+    earlier = _earlier_seconds(store.dir / "results.json")
+
+    def elapsed() -> dict:
+        """This invocation's model load and the run's wall time over every invocation (a resumed run adds up)."""
+        return {"model_load": round(load_seconds, 1), "total": round(earlier + time.monotonic() - t0, 1)}
+
     def on_chunk(task, samples, tokens, seconds):
         _raise_stop()  # a stop request an exception handler swallowed during the last chunk
         progress.update(samples, tokens)
@@ -307,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
         store.write_json("results.json", {
             **base, "status": "partial", "progress": {"done_samples": progress.done, "total_samples": total},
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "seconds": {"model_load": round(load_seconds, 1), "total": round(time.monotonic() - t0, 1)}, **partial})
+            "seconds": elapsed(), **partial})
         try:
             write_leaderboard(out_dir)
         except (OSError, ValueError) as e:  # another run's broken results.json must not stop this run
@@ -317,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
                             on_chunk=on_chunk)
     results = {**base, "status": "complete",
                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "seconds": {"model_load": round(load_seconds, 1), "total": round(time.monotonic() - t0, 1)},
+               "seconds": elapsed(),
                **scores}
     if args.baseline:
         base_path = out_dir / args.baseline / "results.json"

@@ -62,6 +62,8 @@ def test_run_py_end_to_end_and_resume(tiny_model, tmp_path):
     again = run_main(args + ["--no-progress"])
     assert again["tasks"]["gsm8k"]["generation"]["new_samples"] == 0
     assert (out / "tiny" / "samples" / "gsm8k.jsonl").read_text() == before
+    # The wall time adds up over invocations: the first run's seconds are not replaced by the resume's.
+    assert again["seconds"]["total"] > results["seconds"]["total"] > 0
     # Another run compared with the first as baseline: same greedy model, so no accuracy or length change.
     cmp_ = run_main(args[:-2] + ["--run-name", "tiny2", "--baseline", "tiny", "--no-progress"])["comparison"]
     assert cmp_["baseline"] == "tiny" and set(cmp_["tasks"]) == {"gsm8k", "aime24"}
