@@ -9,6 +9,8 @@ import statistics
 from pathlib import Path
 
 from evals.leaderboard import load_runs, markdown_table
+from evals.metrics import paired_comparison
+from evals.store import RunStore
 from kdrl.trainer.logging import read_jsonl, time_split
 from kdrl_kernels import registry
 from study.config import Study
@@ -132,6 +134,22 @@ def _final_table(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
+def _arms_table(study: Study, runs: dict[str, dict]) -> list[str]:
+    """Every pair of evaluated arms compared per problem (first - second) on the problems both answered: which arm
+    is better, with the pair's own standard error (not the difference of two deltas against the start)."""
+    arms = [name for name in runs if name != START]
+    lines = ["| comparison | shared problems | paired delta (± SE), points | first right only / second right only |",
+             "|---|---:|---:|---:|"]
+    for i, a in enumerate(arms):
+        for b in arms[i + 1:]:
+            tasks = [t for t in runs[a]["tasks"] if t in runs[b]["tasks"]]
+            samples = [{t: RunStore(study.eval_dir / name, create=False).load(t) for t in tasks} for name in (a, b)]
+            p = paired_comparison(*samples)["pooled"]
+            lines.append(f"| {a} - {b} | {p['shared_problems']} | {100 * p['accuracy_delta']:+.1f} ± "
+                         f"{100 * p['accuracy_delta_stderr']:.1f} | {p['improved']} / {p['regressed']} |")
+    return lines if len(lines) > 2 else []
+
+
 def report_markdown(study: Study, arms: list[str], png_name: str) -> str:
     """The generated section: what ran where, the curves, held-out and final tables, the leaderboard rows."""
     all_runs = {r["run_name"]: r for r in load_runs(study.eval_dir)} if study.eval_dir.is_dir() else {}
@@ -146,8 +164,12 @@ def report_markdown(study: Study, arms: list[str], png_name: str) -> str:
     if runs:
         tasks = sorted({t for r in runs.values() for t in r["tasks"]})
         out += [f"Tasks: {', '.join(tasks)}; the same problems for every model; paired deltas are per problem "
-                "against the starting student (run `start`).", "", *_final_table(runs), "",
-                "### Leaderboard rows", "", markdown_table(list(runs.values())).rstrip().replace("\n## ", "\n#### "), ""]
+                "against the starting student (run `start`).", "", *_final_table(runs), ""]
+        arms_vs = _arms_table(study, runs)
+        if arms_vs:
+            out += ["Arms against each other, paired on the same problems:", "", *arms_vs, ""]
+        out += ["### Leaderboard rows", "", markdown_table(list(runs.values())).rstrip().replace("\n## ", "\n#### "),
+                ""]
     else:
         out += ["Not run yet (`study/run.py ... --stage eval`).", ""]
     out.append(END)

@@ -70,7 +70,8 @@ def test_study_trains_evaluates_and_reports(pair, tmp_path):
     text = page.read_text()
     assert text.startswith("# My study\n\nProse written by hand.\n")  # the page's own text is kept
     for needle in ("### Held-out measurement during training", "| kdrl | 0 |", "| grpo | 2 |",
-                   "paired delta vs start", "| kdrl | 3 |", "### Leaderboard rows", "![held-out curves](study.png)"):
+                   "paired delta vs start", "| kdrl | 3 |", "| kdrl - grpo | 3 |", "### Leaderboard rows",
+                   "![held-out curves](study.png)"):
         assert needle in text, needle
     assert (tmp_path / "docs" / "study.png").stat().st_size > 10_000 and (out / "report.md").is_file()
     # Everything is done: the same command again trains and evaluates nothing, and rewrites the same section.
