@@ -138,13 +138,13 @@ def _arms_table(study: Study, runs: dict[str, dict]) -> list[str]:
     """Every pair of evaluated arms compared per problem (first - second) on the problems both answered: which arm
     is better, with the pair's own standard error (not the difference of two deltas against the start)."""
     arms = [name for name in runs if name != START]
+    samples = {name: {t: RunStore(study.eval_dir / name, create=False).load(t) for t in runs[name]["tasks"]}
+               for name in arms}  # each run's records read once, however many pairs it is in
     lines = ["| comparison | shared problems | paired delta (± SE), points | first right only / second right only |",
              "|---|---:|---:|---:|"]
     for i, a in enumerate(arms):
         for b in arms[i + 1:]:
-            tasks = [t for t in runs[a]["tasks"] if t in runs[b]["tasks"]]
-            samples = [{t: RunStore(study.eval_dir / name, create=False).load(t) for t in tasks} for name in (a, b)]
-            p = paired_comparison(*samples)["pooled"]
+            p = paired_comparison(samples[a], samples[b])["pooled"]  # it pairs the tasks both runs have
             lines.append(f"| {a} - {b} | {p['shared_problems']} | {100 * p['accuracy_delta']:+.1f} ± "
                          f"{100 * p['accuracy_delta_stderr']:.1f} | {p['improved']} / {p['regressed']} |")
     return lines if len(lines) > 2 else []
